@@ -1,0 +1,165 @@
+"""``DDQConfig``: what ``ddq.prepare`` quantizes and how, as typed, round-trippable data."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..quantizer import MODES, DDQQuantizer
+
+__all__ = ["CONFIG_VERSION", "DDQConfig", "QuantizerConfig"]
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class QuantizerConfig:
+    """Settings of one ``DDQQuantizer``.
+
+    Args:
+        max_bits: largest bitwidth ``K`` (1..8); layers start there.
+        min_bits: floor ``b_min`` that the bitwidth never goes below.
+        mode: ``"adaptive"`` (index + table) or ``"uniform"`` (integer grid).
+        signed: ``True``/``False``, or ``None`` to decide from calibration data.
+        grad_scale: LSQ-style scaling of the level gradient.
+        bits: a fixed bitwidth (gates frozen), or ``None`` to learn it.
+
+    Example:
+        >>> QuantizerConfig(max_bits=4, mode="uniform").build().bits
+        4
+    """
+
+    max_bits: int = 8
+    min_bits: int = 2
+    mode: str = "adaptive"
+    signed: bool | None = True
+    grad_scale: bool = True
+    bits: int | None = None
+
+    def validate(self, where: str = "quantizer") -> None:
+        """Raise ``ValueError`` naming ``where`` and the bad field."""
+        if not isinstance(self.max_bits, int) or not 1 <= self.max_bits <= 8:
+            raise ValueError(f"{where}: max_bits must be an integer in 1..8, got {self.max_bits!r}")
+        if not isinstance(self.min_bits, int) or not 1 <= self.min_bits <= self.max_bits:
+            raise ValueError(
+                f"{where}: min_bits must be an integer in 1..max_bits ({self.max_bits}), "
+                f"got {self.min_bits!r}"
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"{where}: unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.bits is not None and (
+            not isinstance(self.bits, int) or not 1 <= self.bits <= self.max_bits
+        ):
+            raise ValueError(
+                f"{where}: bits must be None or an integer in 1..max_bits ({self.max_bits}), "
+                f"got {self.bits!r}"
+            )
+
+    def build(self) -> DDQQuantizer:
+        """A new quantizer with these settings."""
+        self.validate()
+        q = DDQQuantizer(
+            max_bits=self.max_bits,
+            min_bits=min(self.min_bits, self.bits or self.min_bits),
+            mode=self.mode,  # type: ignore[arg-type]
+            signed=self.signed,
+            grad_scale=self.grad_scale,
+        )
+        if self.bits is not None:
+            q.set_bits(self.bits, trainable=False)
+        return q
+
+    def replace(self, where: str, **changes: Any) -> QuantizerConfig:
+        """A copy with ``changes``; unknown field names raise ``ValueError``."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown quantizer setting(s) {unknown}; known: {sorted(names)}"
+            )
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class DDQConfig:
+    """How ``ddq.prepare`` converts a model.
+
+    Resolution order for a layer: the defaults ``weight``/``activation``; then
+    ``by_type`` (keys are float layer class names such as ``"Conv2d"``, or
+    ``"depthwise"``); then the first/last-layer convention; then ``by_name`` (glob patterns
+    on module names, e.g. ``"features.*.conv.1.0"``). An override is a dict
+    ``{"weight": {...}, "activation": {...} or None}``; ``None`` keeps that tensor float.
+    Every pattern and type key must match at least one module.
+
+    Args:
+        weight: default weight quantizer.
+        activation: default input-activation quantizer, or ``None`` for float activations.
+        by_type: overrides by layer type.
+        by_name: overrides by module-name glob pattern.
+        skip: glob patterns of modules to leave in floating point.
+        first_last_bits: the convention for the first conv/linear (in execution order) and
+            the last one: an int fixes their weight and input bits there (default 8);
+            ``"learn"`` treats them like any layer; ``"float"`` leaves them unquantized.
+        quantize_network_input: quantize the input of the first layer (the image itself).
+
+    Example:
+        >>> cfg = DDQConfig(by_type={"depthwise": {"weight": {"min_bits": 4}}})
+        >>> DDQConfig.from_dict(cfg.to_dict()) == cfg
+        True
+    """
+
+    weight: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(signed=True))
+    activation: QuantizerConfig | None = field(default_factory=lambda: QuantizerConfig(signed=None))
+    by_type: dict[str, dict[str, Any]] = field(default_factory=dict)
+    by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skip: list[str] = field(default_factory=list)
+    first_last_bits: int | str = 8
+    quantize_network_input: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` saying what is wrong."""
+        self.weight.validate("DDQConfig.weight")
+        if self.activation is not None:
+            self.activation.validate("DDQConfig.activation")
+        fl = self.first_last_bits
+        if not (fl in ("learn", "float") or (isinstance(fl, int) and 1 <= fl <= 8)):
+            raise ValueError(
+                f"first_last_bits must be an integer in 1..8, 'learn' or 'float', got {fl!r}"
+            )
+        for table_name, table in (("by_type", self.by_type), ("by_name", self.by_name)):
+            for key, override in table.items():
+                if not isinstance(override, dict) or set(override) - {"weight", "activation"}:
+                    raise ValueError(
+                        f"{table_name}[{key!r}] must be a dict with keys 'weight' and/or "
+                        f"'activation', got {override!r}"
+                    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON/YAML-ready) with a format version."""
+        d = dataclasses.asdict(self)
+        d["version"] = CONFIG_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DDQConfig:
+        """Inverse of ``to_dict``; unknown keys or versions raise ``ValueError``."""
+        d = dict(d)
+        version = d.pop("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ValueError(
+                f"DDQConfig version {version} is not supported (expected {CONFIG_VERSION})"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown DDQConfig key(s) {unknown}; known: {sorted(names)}")
+        if "weight" in d:
+            d["weight"] = QuantizerConfig().replace("DDQConfig.weight", **d["weight"])
+        if d.get("activation") is not None:
+            d["activation"] = QuantizerConfig(signed=None).replace(
+                "DDQConfig.activation", **d["activation"]
+            )
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg

@@ -1,0 +1,319 @@
+"""``DDQQuantizer``: one tensor's differentiable dynamic quantizer (DDQ.md §1)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gates import ordered_gates
+from .lookup import AdaptiveIndexer, UniformIndexer, table_lookup
+from .merge import kronecker_merge
+from .observer import RangeObserver
+
+__all__ = ["MODES", "DDQQuantizer"]
+
+Mode = Literal["adaptive", "uniform"]
+MODES: tuple[str, ...] = ("adaptive", "uniform")
+
+# Gate logits start open at this value; with Adam at the default gate learning rate a
+# bit closes after a few dozen consistent steps of budget pressure.
+GATE_INIT = 0.5
+_SOFTPLUS_INV_ONE = math.log(math.expm1(1.0))
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient multiplied by ``factor`` (as in LSQ).
+
+    A Function rather than LSQ's ``(x - x f).detach() + x f`` trick, which is not an exact
+    identity in floating point and would move levels off the values ``levels()`` reports.
+    """
+
+    @staticmethod
+    def forward(ctx, x, factor):  # type: ignore[override]
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad * ctx.factor, None
+
+
+def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return x if factor == 1.0 else _ScaleGrad.apply(x, factor)
+
+
+class DDQQuantizer(nn.Module):
+    """Learns one tensor's bitwidth, dynamic range and quantization levels by gradient.
+
+    There are ``2**max_bits`` sorted fine levels ``q``; ``max_bits`` ordered gates pick the
+    bitwidth ``b``; the gated Kronecker merge ``v = U(g) q`` averages adjacent blocks of
+    ``2**(max_bits - b)`` fine levels into the ``2**b`` levels in use. An input goes to the
+    merged level of its nearest fine level (see :mod:`ddq.quantizer.lookup` for the
+    backward pass).
+
+    Modes:
+        ``"adaptive"``: free sorted levels ``q_i = lo + sum_{j<i} softplus(theta_j) u``
+        (sorted by construction; ``u`` a fixed unit set at initialisation so the
+        parameters are O(1)). Deploys as a ``b``-bit index plus a ``2**b`` table.
+
+        ``"uniform"``: ``q_i = s (i - c_b)`` with a learnable step ``s = s_0 exp(lambda)``.
+        The anchor ``c_b = Z_b 2^(K-b) + (2^(K-b) - 1) / 2`` is chosen from the current
+        bitwidth so that the merged ``b``-bit levels are exactly ``S (j - Z_b)`` with step
+        ``S = 2^(K-b) s`` and integer zero point ``Z_b = 2^(b-1)`` (signed) or ``0``
+        (unsigned): a standard integer quantizer at every bitwidth, deployable as
+        int8/uint8 QDQ. *Departure from DDQ.md*, which has a free ``lo``: block means of a
+        free uniform grid sit half a fine step off any integer zero point, which no integer
+        runtime can represent. Use ``"adaptive"`` for asymmetric ranges.
+
+    Level-gradient scaling: the gradient of every level parameter is multiplied by
+    ``1 / sqrt(N (2^b - 1))`` (``N`` the tensor's element count), LSQ's rule, so that one
+    learning rate serves layers of every size. The gate logits are *not* scaled: their
+    task gradient must stay comparable with the budget's, which grows with ``N`` too.
+
+    Args:
+        max_bits: ``K``, the largest bitwidth, 1..8.
+        min_bits: the floor ``b_min``: bits ``1..min_bits`` never close.
+        mode: ``"adaptive"`` or ``"uniform"``.
+        signed: ``True``/``False``, or ``None`` to decide from the data at initialisation
+            (unsigned when nothing observed is negative, e.g. after a ReLU).
+        grad_scale: apply the level-gradient scaling above.
+
+    Example:
+        >>> qz = DDQQuantizer(max_bits=4, min_bits=2, mode="uniform")
+        >>> qz.init_from(torch.linspace(-1, 1, 100))
+        >>> qz.set_bits(2)
+        >>> qz.bits, qz.levels().numel()
+        (2, 4)
+        >>> bool(torch.isin(qz(torch.randn(10)), qz.levels()).all())
+        True
+    """
+
+    def __init__(
+        self,
+        max_bits: int = 8,
+        min_bits: int = 2,
+        mode: Mode = "adaptive",
+        signed: bool | None = True,
+        grad_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(max_bits, int) or not 1 <= max_bits <= 8:
+            raise ValueError(f"max_bits must be an integer in 1..8, got {max_bits!r}")
+        if not isinstance(min_bits, int) or not 1 <= min_bits <= max_bits:
+            raise ValueError(
+                f"min_bits must be an integer in 1..max_bits={max_bits}, got {min_bits!r}"
+            )
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        self.max_bits = max_bits
+        self.mode: Mode = mode
+        self.grad_scale = grad_scale
+        self.name = ""  # set by ddq.prepare; used in error messages
+        self.enabled = True
+        self.calibrating = False
+        self._observer: RangeObserver | None = None
+        n = 2**max_bits
+        self.gate_logits = nn.Parameter(torch.full((max_bits,), GATE_INIT))
+        if mode == "adaptive":
+            self.lo = nn.Parameter(torch.tensor(0.0))
+            self.raw_gaps = nn.Parameter(torch.full((n - 1,), _SOFTPLUS_INV_ONE))
+        else:
+            self.log_step = nn.Parameter(torch.tensor(0.0))
+        # Persistent state (saved in checkpoints, loadable with weights_only=True).
+        self.register_buffer("scale_ref", torch.tensor(1.0))
+        self.register_buffer("floor", torch.tensor(min_bits))
+        self.register_buffer("ceiling", torch.tensor(max_bits))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("signed_state", torch.tensor(-1 if signed is None else int(signed)))
+
+    # ----------------------------------------------------------------- state queries
+    @property
+    def n_fine(self) -> int:
+        """Number of fine levels, ``2**max_bits``."""
+        return 2**self.max_bits
+
+    @property
+    def min_bits(self) -> int:
+        return int(self.floor)
+
+    @property
+    def signed(self) -> bool | None:
+        """``None`` until decided from data (when constructed with ``signed=None``)."""
+        s = int(self.signed_state)
+        return None if s < 0 else bool(s)
+
+    def gates(self) -> torch.Tensor:
+        """Ordered hard gates ``g`` (shape ``(max_bits,)``) with straight-through gradient."""
+        return ordered_gates(self.gate_logits, int(self.floor), int(self.ceiling))
+
+    def bits_tensor(self) -> torch.Tensor:
+        """The bitwidth ``sum(g)`` as a differentiable scalar (for cost models)."""
+        return self.gates().sum()
+
+    @property
+    def bits(self) -> int:
+        """The current bitwidth."""
+        with torch.no_grad():
+            return int(self.bits_tensor().item())
+
+    def fine_levels(self) -> torch.Tensor:
+        """The ``2**max_bits`` sorted fine levels ``q``."""
+        n = self.n_fine
+        if self.mode == "adaptive":
+            unit = self.scale_ref / (n - 1)
+            gaps = F.softplus(self.raw_gaps) * unit
+            lo = self.lo * self.scale_ref if self.signed is not False else self.lo * 0
+            return torch.cat([lo.reshape(1), lo + torch.cumsum(gaps, 0)])
+        step = self.scale_ref * torch.exp(self.log_step)
+        idx = torch.arange(n, device=step.device, dtype=step.dtype)
+        return step * (idx - self._uniform_anchor(self.bits))
+
+    def merged_levels(self) -> torch.Tensor:
+        """``v = U(g) q``: one value per fine index, ``2**b`` distinct."""
+        return kronecker_merge(self.fine_levels(), self.gates())
+
+    @torch.no_grad()
+    def levels(self) -> torch.Tensor:
+        """The ``2**b`` distinct levels in use, sorted."""
+        return self.merged_levels()[:: 2 ** (self.max_bits - self.bits)].clone()
+
+    def _uniform_anchor(self, bits: int) -> float:
+        m = 2 ** (self.max_bits - bits)
+        zero = 2 ** (bits - 1) if self.signed is not False else 0
+        return zero * m + (m - 1) / 2
+
+    def uniform_params(self) -> tuple[float, int]:
+        """Uniform mode: ``(scale, zero_point)`` of the current ``b``-bit integer grid.
+
+        The levels are ``scale * (j - zero_point)`` for ``j = 0..2**b - 1``.
+        """
+        if self.mode != "uniform":
+            raise ValueError("uniform_params() is only defined in uniform mode")
+        b = self.bits
+        step = float(self.scale_ref * torch.exp(self.log_step.detach()))
+        return step * 2 ** (self.max_bits - b), (2 ** (b - 1) if self.signed is not False else 0)
+
+    # ----------------------------------------------------------------- set-up
+    def set_bits(self, bits: int, trainable: bool = False) -> None:
+        """Force the bitwidth to ``bits``.
+
+        With ``trainable=False`` the gates are frozen there (a fixed-bit baseline, or a
+        first/last-layer convention); with ``trainable=True`` they start there and keep
+        learning between ``min_bits`` and the current ceiling.
+        """
+        if not isinstance(bits, int) or not 1 <= bits <= self.max_bits:
+            raise ValueError(f"bits must be an integer in 1..{self.max_bits}, got {bits!r}")
+        if trainable and not int(self.floor) <= bits <= int(self.ceiling):
+            raise ValueError(
+                f"bits={bits} lies outside the trainable range "
+                f"{int(self.floor)}..{int(self.ceiling)}"
+            )
+        with torch.no_grad():
+            k = torch.arange(1, self.max_bits + 1, device=self.gate_logits.device)
+            self.gate_logits.copy_(torch.where(k <= bits, GATE_INIT, -GATE_INIT))
+            if not trainable:
+                self.floor.fill_(bits)
+                self.ceiling.fill_(bits)
+
+    def set_max_bits_cap(self, cap: int) -> None:
+        """Keep the bitwidth at or below ``cap`` (e.g. a budget's activation-bit cap)."""
+        if not int(self.floor) <= cap <= self.max_bits:
+            raise ValueError(f"bit cap {cap} lies outside {int(self.floor)}..{self.max_bits}")
+        self.ceiling.fill_(cap)
+
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor) -> None:
+        """Initialise the dynamic range (and signedness if undecided) from a tensor."""
+        x = x.detach()
+        self._check_finite(x)
+        if x.numel() == 0:
+            raise ValueError(f"{self._label()}: cannot initialise from an empty tensor")
+        self.init_range(float(x.min()), float(x.max()))
+
+    @torch.no_grad()
+    def init_range(self, lo: float, hi: float) -> None:
+        """Spread the levels over ``[lo, hi]`` (``lo`` is raised to 0 when unsigned)."""
+        if self.signed is None:
+            self.signed_state.fill_(int(lo < 0))
+        if not self.signed:
+            lo, hi = 0.0, max(hi, 0.0)
+        if hi - lo <= 1e-12:  # constant tensor: any small positive range will do
+            hi = lo + max(abs(lo) * 1e-3, 1e-6)
+        if self.mode == "adaptive":
+            self.scale_ref.fill_(hi - lo)
+            self.lo.fill_(lo / (hi - lo))
+            self.raw_gaps.fill_(_SOFTPLUS_INV_ONE)
+        else:
+            b = self.bits
+            if self.signed:
+                step = max(-lo / 2 ** (b - 1), hi / max(2 ** (b - 1) - 1, 1))
+            else:
+                step = hi / (2**b - 1)
+            self.scale_ref.fill_(step / 2 ** (self.max_bits - b))
+            self.log_step.zero_()
+        self.initialized.fill_(True)
+
+    def start_calibration(self) -> None:
+        """Observe inputs (passing them through unquantized) until ``finish_calibration``."""
+        self.calibrating = True
+        self._observer = RangeObserver()
+
+    def finish_calibration(self) -> None:
+        """Initialise the range from what was observed (all-reduced under DDP)."""
+        if self._observer is None:
+            raise RuntimeError(f"{self._label()}: start_calibration() was not called")
+        self.init_range(*self._observer.result())
+        self.calibrating = False
+        self._observer = None
+
+    # ----------------------------------------------------------------- forward
+    def _label(self) -> str:
+        return f"quantizer {self.name!r}" if self.name else "DDQQuantizer"
+
+    def _check_finite(self, x: torch.Tensor) -> None:
+        # One cheap reduction first; the exact elementwise test only when it trips.
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+            raise FloatingPointError(
+                f"{self._label()}: input contains NaN or Inf; refusing to quantize it "
+                "(it would poison the learned levels)"
+            )
+
+    def _level_grad_factor(self, numel: int) -> float:
+        if not self.grad_scale:
+            return 1.0
+        return 1.0 / math.sqrt(numel * (2**self.bits - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or x.numel() == 0:
+            return x
+        if self.calibrating:
+            assert self._observer is not None
+            self._observer.update(x)
+            return x
+        if self.training:
+            self._check_finite(x)
+            if not bool(self.initialized):
+                self.init_from(x)
+        elif not bool(self.initialized):
+            raise RuntimeError(
+                f"{self._label()} was never initialised: calibrate it (ddq.calibrate) or run "
+                "a training step before evaluating"
+            )
+        q = self.fine_levels()
+        v = kronecker_merge(_scale_grad(q, self._level_grad_factor(x.numel())), self.gates())
+        if self.mode == "uniform":
+            step = (q[1] - q[0]).detach()
+            indexer = UniformIndexer(1.0 / step, self._uniform_anchor(self.bits), self.n_fine)
+        else:
+            indexer = AdaptiveIndexer(q.detach())
+        return table_lookup(x, v.to(x.dtype), indexer)
+
+    def extra_repr(self) -> str:
+        return (
+            f"mode={self.mode}, bits={self.bits}, max_bits={self.max_bits}, "
+            f"min_bits={self.min_bits}, signed={self.signed}"
+        )

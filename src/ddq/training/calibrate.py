@@ -1,0 +1,59 @@
+"""Initialise activation ranges from a few calibration batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..conversion.macs import as_args
+from ..layers import quantizers_of
+
+__all__ = ["calibrate"]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 8) -> int:
+    """Set the range of every not-yet-initialised quantizer from ``num_batches`` batches.
+
+    Batches may be tensors, tuples of positional inputs, or ``(inputs, target)`` pairs
+    from a ``DataLoader`` (the first element is used). Quantizers observe their inputs
+    without quantizing them, so each layer sees float activations, and under DDP the
+    statistics are all-reduced so every process gets the same ranges. BatchNorm running
+    statistics are not touched (the model runs in eval mode).
+
+    Returns:
+        The number of quantizers calibrated.
+
+    Example:
+        >>> calibrate(model, loader, num_batches=4)   # doctest: +SKIP
+        53
+    """
+    targets = [q for q in quantizers_of(model).values() if not bool(q.initialized)]
+    was_training = model.training
+    model.eval()
+    for q in targets:
+        q.start_calibration()
+    seen = 0
+    try:
+        for batch in batches:
+            if seen >= num_batches:
+                break
+            inputs = batch[0] if isinstance(batch, list | tuple) and len(batch) == 2 else batch
+            model(*as_args(inputs))
+            seen += 1
+        if seen == 0:
+            raise ValueError("calibrate got no batches")
+        for q in targets:
+            if q._observer is not None and q._observer._sum[2] > 0:
+                q.finish_calibration()
+            else:  # a branch the calibration data never reached: initialise on first use
+                q.calibrating = False
+                q._observer = None
+    finally:
+        for q in targets:
+            q.calibrating = False
+        model.train(was_training)
+    return sum(bool(q.initialized) for q in targets)
