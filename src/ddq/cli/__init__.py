@@ -1,0 +1,1 @@
+"""The ``ddq`` command line."""

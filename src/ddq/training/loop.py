@@ -1,0 +1,358 @@
+"""The DDQ training loop: task loss + budget constraint, then a guaranteed fit, then
+fine-tuning at the final bits. Usable from Python and from the ``ddq`` CLI; runs under
+``torchrun`` (PyTorch DDP) unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..budget import Budget, BudgetConstraint, CostModel, FitAction, fit_to_budget
+from ..layers import quantizers_of
+from .calibrate import calibrate
+from .checkpoint import load_checkpoint, save_checkpoint
+from .optim import split_parameters
+from .progress import MetricsLog, progress
+
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "train_ddq", "train_float"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the DDQ training loop.
+
+    Args:
+        epochs: total DDQ epochs, including ``freeze_epochs``.
+        lr, momentum, weight_decay: SGD on the model's weights (cosine schedule).
+        lr_levels: Adam on the quantizers' level parameters (cosine schedule).
+        lr_gates: Adam on the gate logits (constant).
+        dual_step: step of the Lagrange multiplier's dual ascent.
+        freeze_epochs: final epochs trained at fixed bits, after the budget fit.
+        calib_batches: batches used to calibrate activation ranges.
+        fit_batches: batches whose gate gradients rank bits in the budget fit.
+        max_steps_per_epoch: cap on steps per epoch (quick runs and tests).
+        seed: seeds data order, dropout and initialisation per epoch (resumable).
+        progress: show progress bars.
+    """
+
+    epochs: int = 6
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-5
+    lr_levels: float = 0.01
+    lr_gates: float = 0.02
+    dual_step: float = 0.05
+    freeze_epochs: int = 1
+    calib_batches: int = 8
+    fit_batches: int = 8
+    max_steps_per_epoch: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.freeze_epochs <= self.epochs:
+            raise ValueError(f"freeze_epochs must be in 0..epochs, got {self.freeze_epochs}")
+
+
+@dataclass
+class TrainResult:
+    """What ``train_ddq`` produced."""
+
+    history: list[dict[str, Any]]
+    fit_actions: list[FitAction]
+    test_acc: float
+    budget_usage: float
+    wall_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make epoch ``epoch`` identical whether the run was resumed or not."""
+    torch.manual_seed(seed * 1_000_003 + epoch)
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+    gen = getattr(loader, "generator", None)
+    if gen is not None:
+        gen.manual_seed(seed * 1_000_003 + epoch)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy in percent (summed over processes under DDP).
+
+    Example:
+        >>> evaluate(model, test_loader)  # doctest: +SKIP
+        98.7
+    """
+    was = model.training
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct[0] += (model(x).argmax(1) == y).sum()
+        correct[1] += y.numel()
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+    model.train(was)
+    return float(100 * correct[0] / correct[1].clamp(min=1))
+
+
+def train_float(
+    model: nn.Module,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    epochs: int,
+    lr: float = 0.05,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    show_progress: bool = True,
+) -> float:
+    """Full-precision (pre-)training with SGD + cosine; returns test accuracy."""
+    net = _wrap_ddp(model, device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    steps = max(epochs * len(train_loader), 1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for epoch in range(epochs):
+        _seed_epoch(train_loader, seed + 7919, epoch)
+        model.train()
+        bar = progress(
+            train_loader, show_progress and _is_main(), desc=f"fp32 {epoch + 1}/{epochs}"
+        )
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    return evaluate(model, test_loader, device)
+
+
+def _wrap_ddp(model: nn.Module, device: str | torch.device) -> nn.Module:
+    if not dist.is_initialized():
+        return model
+    dev = torch.device(device)
+    ids = [dev.index] if dev.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _gate_gradients(
+    model: nn.Module, net: nn.Module, loader: DataLoader, batches: int, device
+) -> dict[str, torch.Tensor]:
+    """Task-loss gradients of every quantizer's gate logits over a few batches."""
+    qs = quantizers_of(model)
+    model.zero_grad(set_to_none=True)
+    was = model.training
+    model.eval()  # no BatchNorm statistics update, no dropout
+    for i, (x, y) in enumerate(loader):
+        if i >= batches:
+            break
+        F.cross_entropy(net(x.to(device)), y.to(device)).backward()
+    model.train(was)
+    grads = {
+        n: q.gate_logits.grad.detach().clone()
+        for n, q in qs.items()
+        if q.gate_logits.grad is not None
+    }
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _freeze_bits(model: nn.Module) -> None:
+    for q in quantizers_of(model).values():
+        q.set_bits(q.bits, trainable=False)
+
+
+def train_ddq(
+    model: nn.Module,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    budget: Budget,
+    config: TrainConfig | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    device: str | torch.device = "cpu",
+) -> TrainResult:
+    """Train a prepared model to ``budget`` and guarantee it is met.
+
+    Epochs ``1..epochs - freeze_epochs`` learn weights, levels and bits with the loss
+    ``cross_entropy + lambda (cost / target - 1)`` (``lambda`` adapted by dual ascent). Then
+    ``fit_to_budget`` closes (or reopens) bits by first-order loss change per unit of
+    budget until the model meets the budget, bits are frozen, and the last
+    ``freeze_epochs`` fine-tune weights and levels at those bits. A checkpoint is written
+    atomically after every epoch; ``resume=True`` continues from it and ends with the same
+    result as an uninterrupted run.
+
+    Example:
+        >>> result = train_ddq(model, train_loader, test_loader,
+        ...                    Budget(avg_weight_bits=4, max_act_bits=4),
+        ...                    TrainConfig(epochs=4), run_dir="runs/demo")  # doctest: +SKIP
+    """
+    cfg = config or TrainConfig()
+    run_path = Path(run_dir) if run_dir is not None else None
+    ckpt_path = run_path / "checkpoint.pt" if run_path is not None else None
+    model.to(device)
+    cost_model = CostModel(model)
+    budget.apply(model, cost_model)  # activation cap + feasibility, before any training
+
+    start_epoch, fitted, actions, rows = 0, False, [], []
+    state = None
+    if resume:
+        if ckpt_path is None or not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        state = load_checkpoint(ckpt_path)
+        now = dataclasses.asdict(cfg)
+        diff = sorted(
+            k for k, v in state["train_config"].items() if k != "progress" and now.get(k) != v
+        )
+        if diff:
+            raise ValueError(f"cannot resume with different training settings: {diff}")
+        model.load_state_dict(state["model"])
+        start_epoch, fitted = int(state["epoch"]), bool(state["fitted"])
+        actions = [FitAction(**a) for a in state["fit_actions"]]
+        rows = list(state["history"])
+    else:
+        torch.manual_seed(cfg.seed)
+        calibrate(model, train_loader, cfg.calib_batches)
+
+    net = _wrap_ddp(model, device)
+    weights, levels, gates = split_parameters(model)
+    opt_w = torch.optim.SGD(
+        weights, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    opt_q = torch.optim.Adam(
+        [{"params": levels, "lr": cfg.lr_levels}, {"params": gates, "lr": cfg.lr_gates}]
+    )
+    steps_per_epoch = len(train_loader)
+    if cfg.max_steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    total = max(cfg.epochs * steps_per_epoch, 1)
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+    sched_w = torch.optim.lr_scheduler.LambdaLR(opt_w, cosine)
+    sched_q = torch.optim.lr_scheduler.LambdaLR(opt_q, [cosine, lambda _: 1.0])
+    constraint = BudgetConstraint(budget, cost_model, step=cfg.dual_step)
+    if state is not None:
+        opt_w.load_state_dict(state["opt_w"])
+        opt_q.load_state_dict(state["opt_q"])
+        sched_w.load_state_dict(state["sched_w"])
+        sched_q.load_state_dict(state["sched_q"])
+        constraint.load_state_dict(state["constraint"])
+    log = MetricsLog(run_path if _is_main() else None, rows)
+    fit_epoch = cfg.epochs - cfg.freeze_epochs
+    t0 = time.time()
+    show = cfg.progress and _is_main()
+
+    def do_fit() -> None:
+        nonlocal fitted, actions
+        grads = _gate_gradients(model, net, train_loader, cfg.fit_batches, device)
+        actions = fit_to_budget(model, budget, cost_model, grads)
+        _freeze_bits(model)
+        fitted = True
+
+    for epoch in range(start_epoch, cfg.epochs):
+        _seed_epoch(train_loader, cfg.seed, epoch)
+        if epoch == fit_epoch and not fitted:
+            do_fit()
+        model.train()
+        loss_sum = correct = seen = 0.0
+        bar = progress(
+            range(steps_per_epoch), show, desc=f"ddq {epoch + 1}/{cfg.epochs}", unit="step"
+        )
+        batches = iter(train_loader)
+        for _ in bar:
+            x, y = next(batches)
+            x, y = x.to(device), y.to(device)
+            out = net(x)
+            task = F.cross_entropy(out, y)
+            loss = task if fitted else task + constraint.penalty()
+            opt_w.zero_grad(set_to_none=True)
+            opt_q.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_w.step()
+            opt_q.step()
+            sched_w.step()
+            sched_q.step()
+            if not fitted:
+                constraint.update()
+            loss_sum += task.item() * y.numel()
+            correct += (out.argmax(1) == y).sum().item()
+            seen += y.numel()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}",
+                    acc=f"{100 * correct / seen:.1f}",
+                    wbits=f"{cost_model.avg_weight_bits():.2f}",
+                    budget=f"{100 * budget.usage(cost_model):.0f}%",
+                )
+        test_acc = evaluate(net, test_loader, device)
+        log.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss_sum / max(seen, 1),
+                "train_acc": 100 * correct / max(seen, 1),
+                "test_acc": test_acc,
+                "avg_w_bits": cost_model.avg_weight_bits(),
+                "avg_a_bits": cost_model.avg_act_bits(),
+                "size_bytes": cost_model.size_bytes(),
+                "gbitops": cost_model.gbitops(),
+                "budget_usage": budget.usage(cost_model),
+                "lambda": constraint.lam,
+                "bits_frozen": int(fitted),
+                "lr": sched_w.get_last_lr()[0],
+                "wall_s": time.time() - t0,
+            }
+        )
+        if show:
+            r = log.rows[-1]
+            print(
+                f"epoch {epoch + 1}/{cfg.epochs}: loss {r['train_loss']:.4f} "
+                f"test {test_acc:.2f}% w-bits {r['avg_w_bits']:.2f} a-bits {r['avg_a_bits']:.2f} "
+                f"budget {100 * r['budget_usage']:.1f}%"
+            )
+        if ckpt_path is not None and _is_main():
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "opt_w": opt_w.state_dict(),
+                    "opt_q": opt_q.state_dict(),
+                    "sched_w": sched_w.state_dict(),
+                    "sched_q": sched_q.state_dict(),
+                    "constraint": constraint.state_dict(),
+                    "fitted": fitted,
+                    "fit_actions": [dataclasses.asdict(a) for a in actions],
+                    "history": log.rows,
+                    "train_config": dataclasses.asdict(cfg),
+                    "budget": budget.to_dict(),
+                },
+            )
+    if not fitted:  # freeze_epochs == 0: the guarantee comes after the last epoch
+        do_fit()
+    test_acc = evaluate(net, test_loader, device)
+    return TrainResult(
+        history=log.rows,
+        fit_actions=actions,
+        test_acc=test_acc,
+        budget_usage=budget.usage(cost_model),
+        wall_s=time.time() - t0,
+    )
