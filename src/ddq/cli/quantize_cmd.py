@@ -103,8 +103,16 @@ def settings_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     cfg = settings_from_args(args)
     res = run_quantize(cfg, resume=args.resume)
+    if dist.is_initialized():  # under torchrun: one summary, then leave the group cleanly
+        rank = dist.get_rank()
+        dist.barrier()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
     print(
         f"\n{res['model']} on {res['dataset']}: FP32 {res['fp_acc']:.2f}% -> DDQ "
         f"{res['ddq_acc']:.2f}% at {res['budget_description']} "

@@ -321,7 +321,7 @@ def train_ddq(
                 "wall_s": time.time() - t0,
             }
         )
-        if show:
+        if _is_main():  # one line per epoch even without progress bars (logs, CI)
             r = log.rows[-1]
             print(
                 f"epoch {epoch + 1}/{cfg.epochs}: loss {r['train_loss']:.4f} "

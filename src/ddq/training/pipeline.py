@@ -175,7 +175,7 @@ def run_quantize(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         )  # fmt: skip
         if main:
             save_weights(model, fp_path)
-    if main and train_cfg.progress:
+    if main:
         print(f"fp32 accuracy: {fp_acc:.2f}%")
     fp_time = time.time() - t0
 

@@ -1,0 +1,153 @@
+"""Cost models against hand counts; Budget validation; the constraint; the fit guarantee."""
+
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import ddq
+from ddq.budget import Budget, BudgetConstraint, CostModel, fit_to_budget, learnable_quantizers
+
+
+def small_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),          # 28x28
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8), nn.ReLU(),          # 14x14 dw
+        nn.Conv2d(8, 16, 1), nn.ReLU(),                                        # 14x14 pw
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+def test_cost_model_equals_hand_count_on_small_cnn():
+    model = ddq.prepare(
+        small_cnn(),
+        ddq.DDQConfig(first_last_bits="learn"),
+        example_inputs=torch.zeros(1, 1, 28, 28),
+    )
+    macs = [28 * 28 * 8 * 9, 14 * 14 * 8 * 9, 14 * 14 * 16 * 8, 16 * 10]
+    weights = [8 * 9, 8 * 9, 16 * 8, 16 * 10]
+    biases_and_bn = 8 + 8 + 16 + 10 + 2 * 8  # conv/linear biases + BN affine
+    cm = CostModel(model)
+    assert cm.fp32_bytes() == (sum(weights) + biases_and_bn) * 4
+    assert cm.size_bytes() == (sum(weights) * 8 + biases_and_bn * 32) / 8
+    assert cm.gbitops() == pytest.approx(sum(macs) * 64 / 1e9)
+    mods = dict(model.named_modules())
+    mods["3"].weight_quantizer.set_bits(3)
+    mods["5"].input_quantizer.set_bits(2)
+    bits_w, bits_a = [8, 3, 8, 8], [8, 8, 2, 8]
+    assert cm.size_bytes() == (sum(n * b for n, b in zip(weights, bits_w, strict=True)) + biases_and_bn * 32) / 8
+    assert cm.avg_weight_bits() == pytest.approx(
+        sum(n * b for n, b in zip(weights, bits_w, strict=True)) / sum(weights)
+    )
+    expected = sum(m * w * a for m, w, a in zip(macs, bits_w, bits_a, strict=True))
+    assert cm.gbitops() == pytest.approx(expected / 1e9)
+
+
+def test_cost_model_on_resnet18_at_224():
+    model = torchvision.models.resnet18()
+    n_params = sum(p.numel() for p in model.parameters())
+    ddq.prepare(model, example_inputs=torch.zeros(1, 3, 224, 224))
+    cm = CostModel(model)
+    assert n_params == 11_689_512  # torchvision's published count
+    assert cm.fp32_bytes() == n_params * 4
+    assert sum(lc.macs for lc in cm.layers) == 1_814_073_344  # 1.814 GMACs, the usual figure
+    assert cm.gbitops() == pytest.approx(1_814_073_344 * 64 / 1e9)
+    conv_fc_weights = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)
+    )
+    assert cm.size_bytes() == (conv_fc_weights * 8 + (n_params - conv_fc_weights) * 32) / 8
+
+
+def test_costs_are_differentiable_in_the_gates():
+    model = ddq.prepare(small_cnn(), ddq.DDQConfig(first_last_bits="learn"),
+                        example_inputs=torch.zeros(1, 1, 28, 28))  # fmt: skip
+    cm = CostModel(model)
+    (cm.size_bits() + cm.bitops()).backward()
+    for name, q in learnable_quantizers(model).items():
+        assert q.gate_logits.grad is not None and q.gate_logits.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({}, "exactly one"),
+        ({"avg_weight_bits": 4, "gbitops": 1}, "exactly one"),
+        ({"avg_weight_bits": -1}, "positive"),
+        ({"avg_weight_bits": 4, "max_act_bits": 9}, "max_act_bits"),
+    ],
+)
+def test_budget_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Budget(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "budget", [Budget(avg_weight_bits=1.5), Budget(size_ratio=0.01), Budget(gbitops=1e-6)]
+)
+def test_infeasible_budget_names_the_smallest_feasible_value(budget):
+    model = ddq.prepare(small_cnn(), example_inputs=torch.zeros(1, 1, 28, 28))
+    cm = CostModel(model)
+    with pytest.raises(ValueError, match="smallest feasible") as err:
+        budget.apply(model, cm)
+    smallest = float(re.search(rf"{budget.kind}=([0-9.e+-]+)", str(err.value)).group(1))
+    # that value is feasible, and a little less is not
+    feasible = Budget(**{budget.kind: smallest * 1.0001})
+    feasible.apply(model, cm)
+    with pytest.raises(ValueError):
+        Budget(**{budget.kind: smallest * 0.999}).apply(model, cm)
+
+
+def test_activation_cap_is_applied_to_learnable_quantizers_only():
+    model = ddq.prepare(small_cnn(), example_inputs=torch.zeros(1, 1, 28, 28))
+    Budget(avg_weight_bits=6, max_act_bits=4).apply(model, CostModel(model))
+    mods = dict(model.named_modules())
+    assert mods["3"].input_quantizer.bits == 4 and mods["5"].input_quantizer.bits == 4
+    assert mods["0"].input_quantizer.bits == 8  # first layer: 8-bit convention
+
+
+def test_constraint_multiplier_rises_over_budget_and_falls_under():
+    model = ddq.prepare(small_cnn(), ddq.DDQConfig(first_last_bits="learn"),
+                        example_inputs=torch.zeros(1, 1, 28, 28))  # fmt: skip
+    cm = CostModel(model)
+    c = BudgetConstraint(Budget(avg_weight_bits=4), cm, step=0.1)
+    for _ in range(3):
+        assert c.update() > 0
+    high = c.lam
+    assert high == pytest.approx(0.3)
+    for q in learnable_quantizers(model).values():
+        q.set_bits(2, trainable=True)
+    c.update()
+    assert c.lam < high
+
+
+def test_fit_closes_the_cheapest_bits_first_and_meets_the_budget():
+    model = ddq.prepare(small_cnn(), ddq.DDQConfig(first_last_bits="learn", activation=None),
+                        example_inputs=torch.zeros(1, 1, 28, 28))  # fmt: skip
+    cm = CostModel(model)
+    qs = learnable_quantizers(model)
+    # Closing bits of layer "5" (pointwise) hurts a lot; layer "3" (depthwise) not at all.
+    grads = {n: torch.full((8,), -1.0 if n.startswith("5.") else 0.0) for n in qs}
+    budget = Budget(avg_weight_bits=7.0)
+    actions = fit_to_budget(model, budget, cm, grads, fill=False)
+    assert budget.usage(cm) <= 1.0
+    assert actions and all(not a.quantizer.startswith("5.") for a in actions)
+    assert dict(model.named_modules())["5"].weight_quantizer.bits == 8
+
+
+def test_fit_fills_slack_with_the_most_useful_bits():
+    model = ddq.prepare(small_cnn(), ddq.DDQConfig(first_last_bits="learn", activation=None),
+                        example_inputs=torch.zeros(1, 1, 28, 28))  # fmt: skip
+    cm = CostModel(model)
+    qs = learnable_quantizers(model)
+    for q in qs.values():
+        q.set_bits(2, trainable=True)
+    grads = {n: torch.full((8,), -1.0 if n.startswith("5.") else -1e-3) for n in qs}
+    budget = Budget(avg_weight_bits=4.0)
+    actions = fit_to_budget(model, budget, cm, grads)
+    assert budget.usage(cm) <= 1.0
+    assert actions[0].quantizer.startswith("5.") and actions[0].to_bits == 3
+    # no single remaining bit fits in what is left
+    left = budget.target(cm) - float(budget.measure(cm).detach())
+    assert all(budget.unit_cost(cm, n, q) > left for n, q in qs.items() if q.bits < 8)
