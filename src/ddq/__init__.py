@@ -10,6 +10,7 @@ Example:
     >>> print(ddq.summary(model))
 """
 
+from .budget import Budget, CostModel
 from .conversion import DDQConfig, QuantizerConfig, prepare, summary
 from .layers import QuantConv1d, QuantConv2d, QuantLinear
 from .quantizer import DDQQuantizer
@@ -17,6 +18,8 @@ from .training.calibrate import calibrate
 
 __version__ = "0.1.0"
 __all__ = [
+    "Budget",
+    "CostModel",
     "DDQConfig",
     "DDQQuantizer",
     "QuantConv1d",
