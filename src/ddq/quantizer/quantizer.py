@@ -160,8 +160,9 @@ class DDQQuantizer(nn.Module):
         with torch.no_grad():
             return int(self.bits_tensor().item())
 
-    def fine_levels(self) -> torch.Tensor:
-        """The ``2**max_bits`` sorted fine levels ``q``."""
+    def fine_levels(self, bits: int | None = None) -> torch.Tensor:
+        """The ``2**max_bits`` sorted fine levels ``q`` (``bits``: the current bitwidth,
+        passed by callers that already know it; uniform mode anchors on it)."""
         n = self.n_fine
         if self.mode == "adaptive":
             unit = self.scale_ref / (n - 1)
@@ -170,7 +171,7 @@ class DDQQuantizer(nn.Module):
             return torch.cat([lo.reshape(1), lo + torch.cumsum(gaps, 0)])
         step = self.scale_ref * torch.exp(self.log_step)
         idx = torch.arange(n, device=step.device, dtype=step.dtype)
-        return step * (idx - self._uniform_anchor(self.bits))
+        return step * (idx - self._uniform_anchor(self.bits if bits is None else bits))
 
     def merged_levels(self) -> torch.Tensor:
         """``v = U(g) q``: one value per fine index, ``2**b`` distinct."""
@@ -282,10 +283,10 @@ class DDQQuantizer(nn.Module):
                 "(it would poison the learned levels)"
             )
 
-    def _level_grad_factor(self, numel: int) -> float:
+    def _level_grad_factor(self, numel: int, bits: int) -> float:
         if not self.grad_scale:
             return 1.0
-        return 1.0 / math.sqrt(numel * (2**self.bits - 1))
+        return 1.0 / math.sqrt(numel * (2**bits - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or x.numel() == 0:
@@ -303,11 +304,13 @@ class DDQQuantizer(nn.Module):
                 f"{self._label()} was never initialised: calibrate it (ddq.calibrate) or run "
                 "a training step before evaluating"
             )
-        q = self.fine_levels()
-        v = kronecker_merge(_scale_grad(q, self._level_grad_factor(x.numel())), self.gates())
+        g = self.gates()
+        bits = int(g.detach().sum())  # the one host sync per call
+        q = self.fine_levels(bits)
+        v = kronecker_merge(_scale_grad(q, self._level_grad_factor(x.numel(), bits)), g)
         if self.mode == "uniform":
             step = (q[1] - q[0]).detach()
-            indexer = UniformIndexer(1.0 / step, self._uniform_anchor(self.bits), self.n_fine)
+            indexer = UniformIndexer(1.0 / step, self._uniform_anchor(bits), self.n_fine)
         else:
             indexer = AdaptiveIndexer(q.detach())
         return table_lookup(x, v.to(x.dtype), indexer)
