@@ -37,7 +37,10 @@ def test_cost_model_equals_hand_count_on_small_cnn():
     mods["3"].weight_quantizer.set_bits(3)
     mods["5"].input_quantizer.set_bits(2)
     bits_w, bits_a = [8, 3, 8, 8], [8, 8, 2, 8]
-    assert cm.size_bytes() == (sum(n * b for n, b in zip(weights, bits_w, strict=True)) + biases_and_bn * 32) / 8
+    assert (
+        cm.size_bytes()
+        == (sum(n * b for n, b in zip(weights, bits_w, strict=True)) + biases_and_bn * 32) / 8
+    )
     assert cm.avg_weight_bits() == pytest.approx(
         sum(n * b for n, b in zip(weights, bits_w, strict=True)) / sum(weights)
     )
@@ -151,3 +154,17 @@ def test_fit_fills_slack_with_the_most_useful_bits():
     # no single remaining bit fits in what is left
     left = budget.target(cm) - float(budget.measure(cm).detach())
     assert all(budget.unit_cost(cm, n, q) > left for n, q in qs.items() if q.bits < 8)
+
+
+def test_annealed_target_moves_from_the_initial_cost_to_the_budget():
+    model = ddq.prepare(small_cnn(), ddq.DDQConfig(first_last_bits="learn"),
+                        example_inputs=torch.zeros(1, 1, 28, 28))  # fmt: skip
+    cm = CostModel(model)
+    budget = Budget(avg_weight_bits=4)
+    c = BudgetConstraint(budget, cm)
+    c.set_progress(0.0)
+    assert c.target == pytest.approx(8.0) and float(c.excess()) == pytest.approx(0.0)
+    c.set_progress(0.5)
+    assert c.target == pytest.approx(6.0)
+    c.set_progress(3.0)
+    assert c.target == pytest.approx(4.0) and float(c.excess()) == pytest.approx(1.0)

@@ -19,9 +19,22 @@ __all__ = ["MODES", "DDQQuantizer"]
 Mode = Literal["adaptive", "uniform"]
 MODES: tuple[str, ...] = ("adaptive", "uniform")
 
-# Gate logits start open at this value; with Adam at the default gate learning rate a
-# bit closes after a few dozen consistent steps of budget pressure.
-GATE_INIT = 0.5
+# Gate logits start at GATE_INIT + GATE_STEP * (b - k) for an open bit k of b (mirrored
+# below zero for closed ones): the least significant open bit is nearest to closing and
+# each more significant bit a step further, so under budget pressure bits close one at a
+# time, least significant first, instead of all together. With Adam at the default gate
+# learning rate one step is a few dozen updates of consistent pressure.
+GATE_INIT = 0.25
+GATE_STEP = 0.25
+
+
+def _initial_logits(bits: int, max_bits: int) -> torch.Tensor:
+    k = torch.arange(1, max_bits + 1, dtype=torch.float32)
+    open_ = GATE_INIT + GATE_STEP * (bits - k)
+    closed = -GATE_INIT - GATE_STEP * (k - bits - 1)
+    return torch.where(k <= bits, open_, closed)
+
+
 _SOFTPLUS_INV_ONE = math.log(math.expm1(1.0))
 
 
@@ -117,7 +130,7 @@ class DDQQuantizer(nn.Module):
         self.calibrating = False
         self._observer: RangeObserver | None = None
         n = 2**max_bits
-        self.gate_logits = nn.Parameter(torch.full((max_bits,), GATE_INIT))
+        self.gate_logits = nn.Parameter(_initial_logits(max_bits, max_bits))
         if mode == "adaptive":
             self.lo = nn.Parameter(torch.tensor(0.0))
             self.raw_gaps = nn.Parameter(torch.full((n - 1,), _SOFTPLUS_INV_ONE))
@@ -214,8 +227,7 @@ class DDQQuantizer(nn.Module):
                 f"{int(self.floor)}..{int(self.ceiling)}"
             )
         with torch.no_grad():
-            k = torch.arange(1, self.max_bits + 1, device=self.gate_logits.device)
-            self.gate_logits.copy_(torch.where(k <= bits, GATE_INIT, -GATE_INIT))
+            self.gate_logits.copy_(_initial_logits(bits, self.max_bits))
             if not trainable:
                 self.floor.fill_(bits)
                 self.ceiling.fill_(bits)

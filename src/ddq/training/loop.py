@@ -37,6 +37,8 @@ class TrainConfig:
         lr_levels: Adam on the quantizers' level parameters (cosine schedule).
         lr_gates: Adam on the gate logits (constant).
         dual_step: step of the Lagrange multiplier's dual ascent.
+        anneal: fraction of the learning phase (before the fit) over which the effective
+            target moves from the initial cost to the budget.
         freeze_epochs: final epochs trained at fixed bits, after the budget fit.
         calib_batches: batches used to calibrate activation ranges.
         fit_batches: batches whose gate gradients rank bits in the budget fit.
@@ -50,8 +52,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-5
     lr_levels: float = 0.01
-    lr_gates: float = 0.02
+    lr_gates: float = 0.01
     dual_step: float = 0.05
+    anneal: float = 0.5
     freeze_epochs: int = 1
     calib_batches: int = 8
     fit_batches: int = 8
@@ -258,6 +261,7 @@ def train_ddq(
         constraint.load_state_dict(state["constraint"])
     log = MetricsLog(run_path if _is_main() else None, rows)
     fit_epoch = cfg.epochs - cfg.freeze_epochs
+    anneal_steps = max(cfg.anneal * fit_epoch * steps_per_epoch, 1e-9)
     t0 = time.time()
     show = cfg.progress and _is_main()
 
@@ -278,7 +282,8 @@ def train_ddq(
             range(steps_per_epoch), show, desc=f"ddq {epoch + 1}/{cfg.epochs}", unit="step"
         )
         batches = iter(train_loader)
-        for _ in bar:
+        for step in bar:
+            constraint.set_progress((epoch * steps_per_epoch + step) / anneal_steps)
             x, y = next(batches)
             x, y = x.to(device), y.to(device)
             out = net(x)
