@@ -169,3 +169,27 @@ def test_nan_in_training_names_the_layer():
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"'0\.input'"):
         net.train()(x)
+
+
+def test_calibration_uses_batch_statistics_and_restores_batchnorm():
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    ddq.prepare(model, example_inputs=EXAMPLE)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    x = torch.randn(4, 3, 64, 64) * 3
+    ddq.calibrate(model, [x])
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not model.training  # mode restored
+    # ranges fit what the layers see in training (batch statistics), so little is clipped
+    model.train()
+    clipped = []
+    for m in model.modules():
+        if isinstance(m, QuantLayer) and m.input_quantizer is not None:
+            m.register_forward_pre_hook(
+                lambda mod, inp: clipped.append(
+                    float((inp[0] > mod.input_quantizer.levels()[-1] * 1.5).float().mean())
+                )
+            )
+    model(x)
+    assert max(clipped) < 0.01

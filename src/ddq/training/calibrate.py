@@ -21,8 +21,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 8) ->
     Batches may be tensors, tuples of positional inputs, or ``(inputs, target)`` pairs
     from a ``DataLoader`` (the first element is used). Quantizers observe their inputs
     without quantizing them, so each layer sees float activations, and under DDP the
-    statistics are all-reduced so every process gets the same ranges. BatchNorm running
-    statistics are not touched (the model runs in eval mode).
+    statistics are all-reduced so every process gets the same ranges.
+
+    The model runs as it will in training: BatchNorm normalises with batch statistics
+    (ranges observed with running statistics can be far off for a model whose statistics
+    are stale, e.g. freshly initialised, and every layer would then clip), while its
+    running statistics are restored afterwards and dropout is off.
 
     Returns:
         The number of quantizers calibrated.
@@ -32,8 +36,16 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 8) ->
         53
     """
     targets = [q for q in quantizers_of(model).values() if not bool(q.initialized)]
-    was_training = model.training
-    model.eval()
+    modes = {m: m.training for m in model.modules()}
+    bn_state = {
+        m: {k: v.clone() for k, v in m.state_dict().items()}
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
     for q in targets:
         q.start_calibration()
     seen = 0
@@ -55,5 +67,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 8) ->
     finally:
         for q in targets:
             q.calibrating = False
-        model.train(was_training)
+        for m, state in bn_state.items():
+            m.load_state_dict(state)
+        for m, t in modes.items():
+            m.training = t
     return sum(bool(q.initialized) for q in targets)
