@@ -1,4 +1,4 @@
-"""Tests for ddq.export.kernels against float references (F.linear / F.conv2d)."""
+"""Tests for ddq.deploy.kernels against float references (F.linear / F.conv2d)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddq.export import kernels
-from ddq.export.kernels import int_conv2d, int_gemm, int_linear, lut_conv2d, lut_linear
+from ddq.deploy import kernels
+from ddq.deploy.kernels import int_conv2d, int_gemm, int_linear, lut_conv2d, lut_linear
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

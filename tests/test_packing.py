@@ -1,4 +1,4 @@
-"""Tests for ddq.export.packing: exact layout, round trips and validation."""
+"""Tests for ddq.deploy.packing: exact layout, round trips and validation."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddq.export import packing
-from ddq.export.packing import pack_bits, packed_nbytes, unpack_bits
+from ddq.deploy import packing
+from ddq.deploy.packing import pack_bits, packed_nbytes, unpack_bits
 
 BITS = list(range(1, 9))
 

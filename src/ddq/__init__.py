@@ -12,6 +12,7 @@ Example:
 
 from .budget import Budget, CostModel
 from .conversion import DDQConfig, QuantizerConfig, prepare, summary
+from .deploy import export, export_onnx, load
 from .layers import QuantConv1d, QuantConv2d, QuantLinear
 from .quantizer import DDQQuantizer
 from .training.calibrate import calibrate
@@ -28,6 +29,9 @@ __all__ = [
     "QuantizerConfig",
     "__version__",
     "calibrate",
+    "export",
+    "export_onnx",
+    "load",
     "prepare",
     "summary",
 ]

@@ -182,13 +182,32 @@ class DDQQuantizer(nn.Module):
             gaps = F.softplus(self.raw_gaps) * unit
             lo = self.lo * self.scale_ref if self.signed is not False else self.lo * 0
             return torch.cat([lo.reshape(1), lo + torch.cumsum(gaps, 0)])
-        step = self.scale_ref * torch.exp(self.log_step)
+        step = self._fine_step()
         idx = torch.arange(n, device=step.device, dtype=step.dtype)
         return step * (idx - self._uniform_anchor(self.bits if bits is None else bits))
 
+    def _fine_step(self) -> torch.Tensor:
+        """Uniform mode: the fine step ``s`` (one rounding, as every consumer sees it)."""
+        return self.scale_ref * torch.exp(self.log_step)
+
     def merged_levels(self) -> torch.Tensor:
         """``v = U(g) q``: one value per fine index, ``2**b`` distinct."""
-        return kronecker_merge(self.fine_levels(), self.gates())
+        g = self.gates()
+        bits = int(g.detach().sum())
+        return self._merge(self.fine_levels(bits), g, bits)
+
+    def _merge(self, q: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
+        v = kronecker_merge(q, g)
+        if self.mode == "uniform":
+            # Block means of the uniform grid equal S (j - Z) exactly in real arithmetic but
+            # not always to the last float bit; use the exact grid values (what an integer
+            # runtime computes) and keep the merge's gradients.
+            m = 2 ** (self.max_bits - bits)
+            step = self._fine_step().detach() * m
+            j = torch.arange(self.n_fine, device=q.device, dtype=q.dtype).div_(m).floor_()
+            zero = 2 ** (bits - 1) if self.signed is not False else 0
+            v = v + ((j - zero) * step - v).detach()
+        return v
 
     @torch.no_grad()
     def levels(self) -> torch.Tensor:
@@ -208,7 +227,7 @@ class DDQQuantizer(nn.Module):
         if self.mode != "uniform":
             raise ValueError("uniform_params() is only defined in uniform mode")
         b = self.bits
-        step = float(self.scale_ref * torch.exp(self.log_step.detach()))
+        step = float(self._fine_step().detach())
         return step * 2 ** (self.max_bits - b), (2 ** (b - 1) if self.signed is not False else 0)
 
     # ----------------------------------------------------------------- set-up
@@ -319,9 +338,9 @@ class DDQQuantizer(nn.Module):
         g = self.gates()
         bits = int(g.detach().sum())  # the one host sync per call
         q = self.fine_levels(bits)
-        v = kronecker_merge(_scale_grad(q, self._level_grad_factor(x.numel(), bits)), g)
+        v = self._merge(_scale_grad(q, self._level_grad_factor(x.numel(), bits)), g, bits)
         if self.mode == "uniform":
-            step = (q[1] - q[0]).detach()
+            step = self._fine_step().detach()
             indexer = UniformIndexer(1.0 / step, self._uniform_anchor(bits), self.n_fine)
         else:
             indexer = AdaptiveIndexer(q.detach())

@@ -1,0 +1,58 @@
+"""Deployment: packed low-bit artifacts, their runtime, reference kernels, ONNX export.
+
+- :func:`export` writes a prepared, calibrated model as one safetensors artifact (``b``-bit
+  packed weight indices, tables, float parts, a JSON manifest; see
+  :mod:`ddq.deploy.manifest` for the format).
+- :func:`load` rebuilds an executable model from it (no training-time modules, nothing
+  unpickled), with decoded float weights or the reference integer/LUT kernels.
+- :func:`export_onnx` writes standard-op ONNX (QDQ for uniform mode, index + ``Gather``
+  for adaptive mode) for ONNX Runtime.
+
+Example:
+    >>> import ddq
+    >>> info = ddq.export(model, "model.ddq.safetensors")  # doctest: +SKIP
+    >>> runtime = ddq.load("model.ddq.safetensors")  # doctest: +SKIP
+    >>> ddq.export_onnx(runtime, "model.onnx", example)  # doctest: +SKIP
+"""
+
+from .artifact import ArtifactInfo, export, freeze, read_artifact
+from .kernels import int_conv2d, int_gemm, int_linear, lut_conv2d, lut_linear
+from .manifest import FORMAT_VERSION, Manifest
+from .onnx_export import export_onnx
+from .packing import pack_bits, packed_nbytes, unpack_bits
+from .runtime import (
+    KERNELS,
+    ChannelAffine,
+    FrozenActivationQuantizer,
+    PackedConv1d,
+    PackedConv2d,
+    PackedLinear,
+    load,
+    set_kernel,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "KERNELS",
+    "ArtifactInfo",
+    "ChannelAffine",
+    "FrozenActivationQuantizer",
+    "Manifest",
+    "PackedConv1d",
+    "PackedConv2d",
+    "PackedLinear",
+    "export",
+    "export_onnx",
+    "freeze",
+    "int_conv2d",
+    "int_gemm",
+    "int_linear",
+    "load",
+    "lut_conv2d",
+    "lut_linear",
+    "pack_bits",
+    "packed_nbytes",
+    "read_artifact",
+    "set_kernel",
+    "unpack_bits",
+]

@@ -1,0 +1,341 @@
+"""``ddq.export`` / ``ddq.load``: packed artifact contents, sizes, and exact reproduction.
+
+The oracle is the fake-quantized PyTorch model (``ddq.prepare`` + calibration, eval mode):
+the loaded runtime must give its outputs (max abs difference <= 1e-5 of max |output|).
+The helpers here (``TinyNet``, ``build_model``, ...) are shared by the other
+``test_export_*`` files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ddq
+from ddq.deploy import export, load, read_artifact
+from ddq.deploy.artifact import activation_thresholds, batchnorm_affine
+from ddq.deploy.manifest import BATCHNORM_KEY, FORMAT_VERSION, TABLES_KEY, QuantSpec, index_key
+from ddq.deploy.packing import unpack_bits
+from ddq.deploy.runtime import (
+    ChannelAffine,
+    FrozenActivationQuantizer,
+    PackedConv1d,
+    PackedConv2d,
+    PackedLinear,
+)
+from ddq.layers import QuantLayer
+from ddq.quantizer import DDQQuantizer
+
+TOL = 1e-5  # of the output scale, the issue's bar for the loaded runtime
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread (the other test_export_* files import this fixture): small
+    tensors on a shared 2-core machine run many times faster than with two."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+class TinyNet(nn.Module):
+    """Every layer kind the artifact handles: conv (+bias), depthwise conv, pointwise conv,
+    Conv1d, Linear, BatchNorm1d/2d, ReLU."""
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 16, 1, bias=False)
+        self.c1 = nn.Conv1d(16, 12, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(12)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = F.relu(self.bn2(self.dw(x)))
+        x = F.relu(self.pw(x)).flatten(2)
+        x = F.relu(self.bn1(self.c1(x))).mean(-1)
+        return self.fc(x)
+
+
+# Mixed bits per layer (conv, dw, pw, c1, fc): weights and input activations.
+W_BITS = (8, 3, 2, 5, 6)
+A_BITS = (8, 4, 3, 6, 7)
+
+
+@torch.no_grad()
+def settle_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
+    """Running statistics equal to the batch statistics of ``images``: an untrained model
+    then computes the same in eval mode as in training (where calibration looks)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one pass sets the batch statistics
+    model.train()(images)
+    model.eval()
+
+
+def randomize_batchnorm(model: nn.Module) -> None:
+    """Non-trivial BatchNorm statistics, so that a wrong scale or bias shows."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.3)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+def build_model(mode: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A prepared, calibrated TinyNet with mixed bits, and a test batch.
+
+    ``mode``: ``"uniform"``, ``"adaptive"``, or ``"mixed"`` (weights and activations
+    alternate between the modes layer by layer).
+    """
+    torch.manual_seed(seed)
+    net = TinyNet()
+    randomize_batchnorm(net)
+    x = torch.randn(6, 3, 12, 12)
+    cfg = ddq.DDQConfig(
+        weight=ddq.QuantizerConfig(mode="uniform" if mode == "mixed" else mode),
+        activation=ddq.QuantizerConfig(mode="adaptive" if mode == "mixed" else mode, signed=None),
+        first_last_bits="learn",
+    )
+    if mode == "mixed":  # dw: both uniform (integer path); pw: both adaptive
+        cfg.by_name = {
+            "dw": {"activation": {"mode": "uniform"}},
+            "pw": {"weight": {"mode": "adaptive"}},
+            "fc": {"weight": {"mode": "adaptive"}, "activation": {"mode": "uniform"}},
+        }
+    ddq.prepare(net, cfg, example_inputs=x[:1])
+    for (_, layer), wb, ab in zip(quantized_layers(net), W_BITS, A_BITS, strict=True):
+        layer.weight_quantizer.set_bits(wb)
+        layer.weight_quantizer.init_from(layer.weight)  # range for the new bitwidth
+        layer.input_quantizer.set_bits(ab)
+    ddq.calibrate(net, [torch.randn(16, 3, 12, 12) for _ in range(2)])
+    return net.eval(), x
+
+
+def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("mode", ["uniform", "adaptive", "mixed"])
+def test_load_reproduces_fake_quant_model(tmp_path, mode):
+    net, x = build_model(mode)
+    with torch.no_grad():
+        want = net(x)
+    info = export(net, tmp_path / "tiny.ddq.safetensors")
+    runtime = load(info.path, model=net)
+    with torch.no_grad():
+        got = runtime(x)
+    assert rel_diff(got, want) <= TOL
+    # No training-time module survives; every layer kind has its deploy module.
+    kinds = {type(m) for m in runtime.modules()}
+    assert not kinds & {DDQQuantizer, nn.BatchNorm1d, nn.BatchNorm2d}
+    assert not any(isinstance(m, QuantLayer) for m in runtime.modules())
+    assert {PackedConv1d, PackedConv2d, PackedLinear, ChannelAffine} <= kinds
+    assert isinstance(runtime.dw.input_quantizer, FrozenActivationQuantizer)
+    # The model passed in is copied, not modified.
+    assert isinstance(net.dw, QuantLayer)
+
+
+def test_weights_are_packed_at_b_bits_and_decode_to_the_quantized_weights(tmp_path):
+    net, _ = build_model("adaptive")
+    export(net, tmp_path / "a.safetensors")
+    manifest, tensors = read_artifact(tmp_path / "a.safetensors")
+    for name, layer in quantized_layers(net):
+        spec = manifest.layers[name]
+        bits = layer.weight_quantizer.bits
+        n = layer.weight.numel()
+        packed = tensors[index_key(name)]
+        assert spec.weight.bits == bits
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n * bits / 8)
+        table = spec.split_tables(tensors[TABLES_KEY])["weight_table"]
+        assert table.numel() == 2**bits
+        codes = unpack_bits(packed, bits, n).long()
+        with torch.no_grad():
+            want = layer.weight_quantizer(layer.weight).reshape(-1)
+        assert torch.equal(table[codes], want)
+
+
+def test_manifest_records_layers_conventions_and_checksums(tmp_path):
+    net, _ = build_model("mixed")
+    arch = {"name": "tiny", "kwargs": {"in_channels": 3}}
+    export(net, tmp_path / "m.safetensors", arch=arch)
+    manifest, tensors = read_artifact(tmp_path / "m.safetensors")
+    assert manifest.format_version == FORMAT_VERSION
+    assert manifest.architecture == arch
+    assert manifest.conventions == net.ddq_state.conventions()
+    assert list(manifest.layers) == [n for n, _ in quantized_layers(net)]
+    dw, fc, c1 = manifest.layers["dw"], manifest.layers["fc"], manifest.layers["c1"]
+    assert (dw.type, dw.weight_shape, dw.conv["groups"], dw.conv["stride"]) == (
+        "Conv2d", (8, 1, 3, 3), 8, [2, 2],
+    )  # fmt: skip
+    assert (c1.type, fc.type, fc.bias, dw.bias) == ("Conv1d", "Linear", True, False)
+    assert (dw.weight.mode, dw.input.mode, fc.weight.mode, fc.input.mode) == (
+        "uniform", "uniform", "adaptive", "uniform",
+    )  # fmt: skip
+    scale, zero = net.dw.weight_quantizer.uniform_params()
+    assert dw.weight.scale == pytest.approx(scale, rel=1e-7) and dw.weight.zero_point == zero
+    assert [s.input.bits for s in manifest.layers.values()] == list(A_BITS)
+    assert set(manifest.batchnorm) == {"bn", "bn2", "bn1"}
+    assert set(manifest.checksums) == set(tensors)
+    assert manifest.float_tensors == []  # everything is a ddq layer or a BatchNorm
+
+
+@pytest.mark.parametrize("mode", ["uniform", "adaptive"])
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_thresholds_reproduce_the_quantizer_exactly(mode, bits):
+    q = DDQQuantizer(max_bits=8, min_bits=1, mode=mode, signed=None)
+    q.init_range(-0.7, 2.3)
+    q.set_bits(bits)
+    if mode == "adaptive":  # genuinely non-uniform levels
+        with torch.no_grad():
+            q.raw_gaps.add_(torch.randn_like(q.raw_gaps))
+    q.eval()
+    thresholds, table = activation_thresholds(q)
+    assert thresholds.numel() == 2**bits - 1 and torch.equal(table, q.levels())
+    # Dense values plus every threshold and its float32 neighbours: the worst cases.
+    inf = torch.tensor(float("inf"))
+    x = torch.cat([
+        torch.linspace(-3, 5, 20001), thresholds,
+        torch.nextafter(thresholds, inf), torch.nextafter(thresholds, -inf),
+    ])  # fmt: skip
+    frozen = FrozenActivationQuantizer(QuantSpec(mode, bits, True), thresholds, table)
+    with torch.no_grad():
+        assert torch.equal(frozen(x), q(x))
+
+
+def test_batchnorm_becomes_an_exact_per_channel_affine():
+    bn = nn.BatchNorm2d(5)
+    randomize_batchnorm(bn)
+    bn.eval()
+    scale, bias = batchnorm_affine(bn)
+    expected = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    assert torch.allclose(scale, expected, rtol=1e-6)
+    assert torch.allclose(bias, bn.bias - bn.running_mean * expected, rtol=1e-5, atol=1e-7)
+    x = torch.randn(4, 5, 7, 7)
+    with torch.no_grad():
+        assert torch.equal(ChannelAffine(scale, bias)(x), bn(x))
+
+
+def _mnist(n: int) -> torch.Tensor:
+    from ddq.data import create_dataset
+
+    splits = create_dataset("mnist5k", subset=n)
+    return torch.stack([splits.test[i][0] for i in range(n)])
+
+
+def _independent_theoretical_bytes(model: nn.Module) -> float:
+    """sum(n b / 8) + tables + float parts, recomputed from the prepared model."""
+    total = 0.0
+    for _, layer in quantized_layers(model):
+        bw = layer.weight_quantizer.bits
+        total += layer.weight.numel() * bw / 8 + 4 * 2**bw
+        if layer.input_quantizer is not None:
+            total += 4 * (2 * 2**layer.input_quantizer.bits - 1)
+        if layer.bias is not None:
+            total += 4 * layer.bias.numel()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            total += 8 * m.num_features  # scale and bias
+    return total
+
+
+@pytest.mark.parametrize(("name", "mode"), [("resnet18", "adaptive"), ("mobilenet_v2", "uniform")])
+def test_registry_models_are_small_and_reload_from_the_manifest(tmp_path, name, mode):
+    from ddq.models import create_model
+
+    kwargs = {"num_classes": 10, "in_channels": 1, "small_input": True}
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs)
+    images = _mnist(8)
+    cfg = ddq.DDQConfig(
+        weight=ddq.QuantizerConfig(mode=mode),
+        activation=ddq.QuantizerConfig(mode=mode, signed=None),
+    )
+    settle_batchnorm(model, images)
+    ddq.prepare(model, cfg, example_inputs=images[:1])
+    state = model.ddq_state
+    for lname, layer in quantized_layers(model):
+        if lname not in (state.first, state.last):  # 8-bit first/last convention
+            layer.weight_quantizer.set_bits(4)
+            layer.input_quantizer.set_bits(4)
+    ddq.calibrate(model, [images])
+    model.eval()
+    with torch.no_grad():
+        want = model(images)
+
+    info = export(model, tmp_path / f"{name}.safetensors", arch={"name": name, "kwargs": kwargs})
+    assert info.artifact_bytes == (tmp_path / f"{name}.safetensors").stat().st_size
+    theory = _independent_theoretical_bytes(model)
+    assert info.theoretical_bytes == pytest.approx(theory)
+    assert theory <= info.artifact_bytes <= 1.05 * theory
+    fp32 = 4 * sum(t.numel() for k, t in model.state_dict().items()
+                   if t.is_floating_point() and "quantizer" not in k)  # fmt: skip
+    assert info.fp32_bytes == fp32 and info.ratio > 6.5
+    assert 4.0 <= info.avg_weight_bits < 4.1
+
+    runtime = load(info.path)  # architecture from the registry name in the manifest
+    with torch.no_grad():
+        got = runtime(images)
+    assert rel_diff(got, want) <= TOL
+    assert not any(isinstance(m, DDQQuantizer) for m in runtime.modules())
+
+
+def test_export_refuses_unprepared_or_uncalibrated_models(tmp_path):
+    with pytest.raises(ValueError, match="not prepared"):
+        export(TinyNet(), tmp_path / "x.safetensors")
+    net = ddq.prepare(TinyNet(), example_inputs=torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"'conv'.*input quantizer.*calibrate"):
+        export(net, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="arch"):
+        export(build_model("uniform")[0], tmp_path / "x.safetensors", arch={"kwargs": {}})
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_batchnorm_tensor_holds_scale_and_bias_rows(tmp_path):
+    net, _ = build_model("uniform")
+    export(net, tmp_path / "a.safetensors")
+    manifest, tensors = read_artifact(tmp_path / "a.safetensors")
+    affine = tensors[BATCHNORM_KEY]
+    assert affine.shape == (2, 8 + 8 + 12)
+    scale, bias = manifest.batchnorm["bn2"].split(affine)
+    want_scale, want_bias = batchnorm_affine(net.bn2)
+    assert torch.equal(scale, want_scale) and torch.equal(bias, want_bias)
+
+
+def test_cli_export_writes_a_checked_artifact_and_onnx(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    pytest.importorskip("onnx")
+    from ddq.cli import export_cmd
+    from ddq.training import pipeline
+
+    net, x = build_model("mixed")
+    monkeypatch.setattr(pipeline, "load_run", lambda run_dir: (net, x))
+    parser = argparse.ArgumentParser()
+    export_cmd.add_parser(parser.add_subparsers(dest="command"))
+    out, onnx_path = tmp_path / "run.ddq.safetensors", tmp_path / "run.onnx"
+    args = parser.parse_args(["export", str(tmp_path), "--out", str(out), "--onnx", str(onnx_path)])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "FP32" in printed and "reproduces the model" in printed
+    assert out.is_file() and onnx_path.is_file()
+    with torch.no_grad():
+        assert rel_diff(load(out, model=net)(x), net(x)) <= TOL

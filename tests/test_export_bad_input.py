@@ -1,0 +1,230 @@
+"""Bad artifacts: every problem is a clear ``ValueError`` naming the file, and nothing in a
+file is ever unpickled or executed."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from test_export_artifact import (
+    TinyNet,
+    build_model,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
+
+from ddq.deploy import export, load, read_artifact
+from ddq.deploy.manifest import DIGEST_KEY, MANIFEST_KEY, TABLES_KEY, checksum
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """A valid artifact and the model it came from."""
+    net, _ = build_model("mixed")
+    path = tmp_path_factory.mktemp("art") / "good.ddq.safetensors"
+    export(net, path, arch={"name": "small_cnn", "kwargs": {"num_classes": 10}})
+    return path, net
+
+
+def split(data: bytes) -> tuple[dict, bytes]:
+    """(header dict, tensor data) of a safetensors file."""
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def rewrite(src, dst, edit_manifest=None, edit_tensors=None) -> None:
+    """Re-save an artifact with an edited manifest/tensors and a *valid* digest, as a
+    careless tool would: only the consistency checks can catch it."""
+    manifest, tensors = read_artifact(src)
+    text = manifest.to_json()
+    d = json.loads(text)
+    if edit_manifest:
+        edit_manifest(d)
+    if edit_tensors:
+        edit_tensors(tensors)
+    text = json.dumps(d)
+    meta = {MANIFEST_KEY: text, DIGEST_KEY: checksum(text.encode())}
+    dst.write_bytes(safetensors_torch.save(tensors, metadata=meta))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.safetensors"):
+        load(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("keep", [0, 5, 20, -1000, -1])
+def test_truncated_artifact(tmp_path, artifact, keep):
+    path, net = artifact
+    data = path.read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[:keep] if keep >= 0 else data[: len(data) + keep])
+    with pytest.raises(ValueError, match=r"cut\.safetensors.*(truncated|corrupt)") as e:
+        load(bad, model=net)
+    assert str(bad) in str(e.value)
+
+
+def test_flipped_byte_in_tensor_data_is_caught_by_the_checksum(tmp_path, artifact):
+    path, net = artifact
+    header, body = split(path.read_bytes())
+    start, _ = header["dw.weight.idx"]["data_offsets"]
+    data = bytearray(path.read_bytes())
+    data[len(data) - len(body) + start] ^= 0x10  # one bit of one packed index
+    bad = tmp_path / "flip.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(
+        ValueError, match=r"flip\.safetensors: checksum mismatch.*'dw\.weight\.idx'"
+    ):
+        load(bad, model=net)
+
+
+def test_edited_manifest_is_caught_by_its_digest(tmp_path, artifact):
+    path, net = artifact
+    data = path.read_bytes()
+    i = data.index(b'\\"bits\\":4')  # inside the manifest string of the header
+    bad = tmp_path / "edit.safetensors"
+    bad.write_bytes(data[:i] + b'\\"bits\\":5' + data[i + 10 :])  # same length: header parses
+    with pytest.raises(ValueError, match=r"edit\.safetensors: the manifest's checksum"):
+        load(bad, model=net)
+
+
+def test_unknown_format_version(tmp_path, artifact):
+    path, net = artifact
+    bad = tmp_path / "v99.safetensors"
+    rewrite(path, bad, edit_manifest=lambda d: d.update(format_version=99))
+    with pytest.raises(ValueError, match=r"v99\.safetensors: unknown artifact format version 99"):
+        load(bad, model=net)
+
+
+@pytest.mark.parametrize(
+    ("edit_manifest", "edit_tensors", "problem"),
+    [
+        (None, lambda t: t.pop("fc.weight.idx"), r"missing tensors \['fc\.weight\.idx'\]"),
+        (None, lambda t: t.update(extra=torch.zeros(2)), r"does not describe \['extra'\]"),
+        (
+            lambda d: d["layers"]["pw"]["weight"].update(bits=3),
+            None,
+            "'pw.weight.idx' is torch.uint8",
+        ),
+        (lambda d: d["layers"]["dw"].update(offset=0), None, "slices overlap or leave gaps"),
+        (
+            None,
+            lambda t: t.update({TABLES_KEY: t[TABLES_KEY].double()}),
+            "'ddq.tables' is torch.float64",
+        ),
+        (lambda d: d["checksums"].pop("ddq.tables"), None, "checksums do not cover"),
+        (lambda d: d["layers"]["fc"]["weight"].update(mode="int4"), None, "mode is 'int4'"),
+        (lambda d: d["layers"]["fc"].pop("weight_shape"), None, "lacks the field 'weight_shape'"),
+        (lambda d: d["layers"]["fc"]["input"].update(bits=True), None, "bits has the wrong type"),
+    ],
+)
+def test_manifest_and_tensors_that_disagree(
+    tmp_path, artifact, edit_manifest, edit_tensors, problem
+):
+    path, net = artifact
+    bad = tmp_path / "disagree.safetensors"
+    rewrite(path, bad, edit_manifest, edit_tensors)
+    with pytest.raises(ValueError, match=r"disagree\.safetensors: ") as e:
+        load(bad, model=net)
+    assert e.match(problem)
+
+
+def test_architecture_that_does_not_match(tmp_path, artifact):
+    path, _ = artifact
+    with pytest.raises(
+        ValueError, match=r"good\.ddq\.safetensors: the architecture does not match.*'conv'.*shape"
+    ):
+        load(path, model=TinyNet(in_channels=1))
+    # The recorded registry model (small_cnn) is not the exported TinyNet.
+    with pytest.raises(ValueError, match="the architecture does not match"):
+        load(path)
+    other = tmp_path / "unknown_arch.safetensors"
+    rewrite(path, other, edit_manifest=lambda d: d.update(architecture={"name": "nonet"}))
+    with pytest.raises(
+        ValueError, match=r"unknown_arch\.safetensors: cannot build.*unknown model 'nonet'"
+    ):
+        load(other)
+    none = tmp_path / "no_arch.safetensors"
+    rewrite(path, none, edit_manifest=lambda d: d.update(architecture=None))
+    with pytest.raises(
+        ValueError, match=r"no_arch\.safetensors: the artifact records no architecture"
+    ):
+        load(none)
+
+
+def test_plain_safetensors_file_is_not_an_artifact(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    safetensors_torch.save_file({"w": torch.zeros(3)}, str(path))
+    with pytest.raises(
+        ValueError, match=r"weights\.safetensors: a safetensors file without a ddq manifest"
+    ):
+        load(path, model=TinyNet())
+
+
+class Payload:
+    """Unpickling this creates a file: the side effect the tests watch for."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (builtins.open, (self.target, "w"))
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """Fail loudly if anything tries to unpickle while loading."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something tried to unpickle")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+
+
+def test_pickle_file_renamed_to_an_artifact_is_never_executed(
+    tmp_path, monkeypatch, no_unpickling, artifact
+):
+    _, net = artifact
+    marker = tmp_path / "pwned"
+    for name, legacy in (("model.ddq.safetensors", False), ("legacy.ddq", True)):
+        bad = tmp_path / name
+        with bad.open("wb") as f:
+            torch.save(Payload(str(marker)), f, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(ValueError, match=rf"{name}: not a ddq artifact.*never unpickles"):
+            load(bad, model=net)
+        with pytest.raises(ValueError, match=name):
+            read_artifact(bad)
+    assert not marker.exists()
+    monkeypatch.undo()  # the unpicklers are back: the payload is live, torch.load runs it
+    torch.load(bad, weights_only=False)
+    assert marker.exists()
+
+
+def test_pickle_bytes_spliced_into_tensor_data_are_never_executed(
+    tmp_path, monkeypatch, no_unpickling, artifact
+):
+    path, net = artifact
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Payload(str(marker)))
+    header, body = split(path.read_bytes())
+    start, end = header[TABLES_KEY]["data_offsets"]
+    assert end - start >= len(payload)
+    data = bytearray(path.read_bytes())
+    at = len(data) - len(body) + start
+    data[at : at + len(payload)] = payload
+    bad = tmp_path / "spliced.safetensors"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(
+        ValueError, match=r"spliced\.safetensors: checksum mismatch for tensor 'ddq\.tables'"
+    ):
+        load(bad, model=net)
+    assert not marker.exists()
+    monkeypatch.undo()  # the unpicklers are back: the payload is live
+    pickle.loads(payload)
+    assert marker.exists()
