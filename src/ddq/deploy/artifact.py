@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import atomic_write_bytes
 from ..conversion.prepare import state_of
 from ..layers import QuantLayer
 from ..quantizer import DDQQuantizer
-from ..training.checkpoint import atomic_write_bytes
 from .manifest import (
     BATCHNORM_KEY,
     DIGEST_KEY,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..atomic import atomic_write_bytes
 
 __all__ = ["load_weights", "save_weights"]
 
@@ -179,20 +180,9 @@ def save_weights(
         >>> save_weights(create_model("small_cnn"), "runs/exp1/model.safetensors")
         PosixPath('runs/exp1/model.safetensors')
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     # clone(): breaks storage sharing between tied tensors and detaches from the live model.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata=metadata)
-        with open(tmp_name, "rb") as fh:
-            os.fsync(fh.fileno())  # data on disk before the rename makes it visible
-        os.replace(tmp_name, p)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    p = atomic_write_bytes(path, save(tensors, metadata=metadata))
     return p

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..atomic import atomic_write_bytes
 from ..budget import Budget, CostModel
 from ..conversion import DDQConfig, prepare
-from .checkpoint import atomic_write_bytes
 from .loop import TrainConfig, evaluate, train_ddq, train_float
 
 __all__ = ["RunConfig", "load_run", "run_quantize"]
