@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import eval_cmd, quantize_cmd
+from . import eval_cmd, export_cmd, quantize_cmd
 
 __all__ = ["main"]
 
@@ -30,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     quantize_cmd.add_parser(sub)
     eval_cmd.add_parsers(sub)
-    try:
-        from . import export_cmd
-    except ImportError:  # the export extra's command is absent in a core-only install
-        export_cmd = None
-    if export_cmd is not None:
-        export_cmd.add_parser(sub)
+    export_cmd.add_parser(sub)
     lst = sub.add_parser("list", help="list registered models and datasets")
     lst.set_defaults(func=_run_list)
     return parser

@@ -59,8 +59,8 @@ def settings_from_args(args: argparse.Namespace) -> RunConfig:
     d = RunConfig().to_dict()
     if args.config:
         file_settings = read_settings(args.config)
-        for key in ("budget", "ddq", "train"):  # a file's budget replaces, others merge
-            if key in file_settings and key != "budget":
+        for key in ("ddq", "train"):  # merged into the defaults; a file's budget replaces
+            if key in file_settings:
                 file_settings[key] = {**d[key], **file_settings[key]}
         d.update(file_settings)
     flat = {

@@ -48,8 +48,8 @@ def _kind(m: nn.Module) -> str:
 def summary(model: nn.Module, example_inputs: Any = None, print_table: bool = False) -> Summary:
     """Per-layer name, type, parameters, MACs, weight/activation bits and mode.
 
-    Quantized layers and the conv/linear layers left float are listed in execution order
-    (module order without example inputs). ``macs`` is per sample, from ``example_inputs``
+    Quantized layers and the conv/linear layers left float are listed in module
+    (registration) order. ``macs`` is per sample, from ``example_inputs``
     if given, else from the example inputs given to ``prepare`` (``None`` if neither).
 
     Example:
