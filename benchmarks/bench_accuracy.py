@@ -113,6 +113,11 @@ def run_one(method: str, bits: int, fp_model, loaders, example, args, seed: int)
             "wall_s": time.time() - t0, **extra}  # fmt: skip
 
 
+def _base_key(arch: str, seed: int, settings: dict) -> str:
+    """Cache key of one (architecture, seed) under the protocol settings."""
+    return json.dumps({"arch": arch, "seed": seed, **settings}, sort_keys=True)
+
+
 def _plan(args) -> list[tuple[str, int]]:
     plan = []
     for b in args.bits:
@@ -145,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="benchmarks/results/accuracy")
     p.add_argument("--fresh", action="store_true", help="ignore cached runs")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny everything")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the tables and plots from the cached runs; train nothing")  # fmt: skip
     args = p.parse_args(argv)
     if args.ablations is None:
         args.ablations = [] if args.quick else [("ddq-adaptive-noscale", 3)]
@@ -170,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     splits = create_dataset("mnist5k", subset=args.subset)
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     torch.set_num_threads(torch.get_num_threads())
-    for arch in args.models:
+    for arch in [] if args.report_only else args.models:
         kw = {"width_mult": args.width_mult} if arch == "mobilenet_v2" else {}
         for seed in args.seeds:
             loaders = make_loaders(splits, args.batch_size, seed=seed)
-            base_key = json.dumps({"arch": arch, "seed": seed, **settings}, sort_keys=True)
+            base_key = _base_key(arch, seed, settings)
             torch.manual_seed(seed)
             fp_model = create_model(arch, num_classes=10, in_channels=1, small_input=True, **kw)
             fp_key = base_key + "|fp32"
@@ -206,9 +213,11 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(json.dumps(rec) + "\n")
                 print(f"{arch} seed {seed} {method} {bits}-bit: {r['acc']:.2f}% "
                       f"({r['size_bytes'] / 1e3:.1f} kB, {r['wall_s']:.0f} s)", flush=True)  # fmt: skip
-    records = [r for r in cache.values() if json.loads(r["key"].split("|")[0]) ==
-               json.loads(json.dumps({"arch": r["arch"], "seed": r["seed"], **settings}, sort_keys=True))]  # fmt: skip
-    records = [r for r in records if r["arch"] in args.models and r["seed"] in args.seeds]
+    records = [
+        r for r in cache.values()
+        if r["arch"] in args.models and r["seed"] in args.seeds
+        and r["key"].split("|")[0] == _base_key(r["arch"], r["seed"], settings)
+    ]  # fmt: skip
     write_outputs(records, out, args)
     return 0
 
