@@ -95,16 +95,7 @@ def _float_param(
     t = _as_tensor(value, device)
     if t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{name} must be real-valued, got dtype {t.dtype}")
-    shape = tuple(t.shape)
-    t = t.to(torch.float64).reshape(-1)
-    if t.numel() == 1:
-        return t.expand(size)
-    if t.numel() != size:
-        raise ValueError(
-            f"{name} must be a scalar or have {size} elements (one per output channel), "
-            f"got shape {shape}"
-        )
-    return t
+    return _per_channel(t, torch.float64, size, name)
 
 
 def _int_param(value: Scalar, size: int, name: str, device: torch.device) -> torch.Tensor:
@@ -118,16 +109,20 @@ def _int_param(value: Scalar, size: int, name: str, device: torch.device) -> tor
         raise ValueError(
             f"{name} must be integer-valued; pass a fractional shift as the offset instead"
         )
-    shape = tuple(t.shape)
-    t = t.to(torch.int64).reshape(-1)
-    if t.numel() == 1:
-        return t.expand(size)
-    if t.numel() != size:
+    return _per_channel(t, torch.int64, size, name)
+
+
+def _per_channel(t: torch.Tensor, dtype: torch.dtype, size: int, name: str) -> torch.Tensor:
+    """``t`` as a ``(size,)`` tensor of ``dtype``: a scalar broadcasts, else one per channel."""
+    flat = t.to(dtype).reshape(-1)
+    if flat.numel() == 1:
+        return flat.expand(size)
+    if flat.numel() != size:
         raise ValueError(
             f"{name} must be a scalar or have {size} elements (one per output channel), "
-            f"got shape {shape}"
+            f"got shape {tuple(t.shape)}"
         )
-    return t
+    return flat
 
 
 def _scalar_float(value: Scalar, name: str) -> float:
