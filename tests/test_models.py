@@ -214,17 +214,16 @@ def test_save_is_atomic_and_overwrites(tmp_path: Path) -> None:
 def test_save_failure_leaves_no_partial_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import safetensors.torch
+    import ddq.atomic
 
     path = tmp_path / "model.safetensors"
     save_weights(_model(0), path)
     before = path.read_bytes()
 
-    def crash_midway(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
+    def crash_midway(fd):  # the temporary file is written, the sync fails
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash_midway)
+    monkeypatch.setattr(ddq.atomic.os, "fsync", crash_midway)
     with pytest.raises(OSError, match="disk full"):
         save_weights(_model(1), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
