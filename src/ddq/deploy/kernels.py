@@ -112,6 +112,22 @@ def _int_param(value: Scalar, size: int, name: str, device: torch.device) -> tor
     return _per_channel(t, torch.int64, size, name)
 
 
+def _check_int_operands(
+    x_idx: torch.Tensor, w_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Validate integer activation/weight index operands; return them with ``(O, K)``."""
+    x_idx = _check_int_tensor(x_idx, "x_idx")
+    w_idx = _check_int_tensor(w_idx, "w_idx")
+    if w_idx.dim() != 2:
+        raise ValueError(f"w_idx must be 2-D (out_features, in_features), got {w_idx.dim()}-D")
+    o, k = w_idx.shape
+    if x_idx.dim() < 1 or x_idx.shape[-1] != k:
+        raise ValueError(
+            f"x_idx last dimension must equal w_idx in_features={k}, got shape {tuple(x_idx.shape)}"
+        )
+    return x_idx, w_idx, o, k
+
+
 def _per_channel(t: torch.Tensor, dtype: torch.dtype, size: int, name: str) -> torch.Tensor:
     """``t`` as a ``(size,)`` tensor of ``dtype``: a scalar broadcasts, else one per channel."""
     flat = t.to(dtype).reshape(-1)
@@ -218,15 +234,7 @@ def int_gemm(
         >>> int_gemm(x, 1, w, 2)  # (x - 1) = [2, -1, 0]; (w - 2) = [[-2, -1, 0], [1, 1, 1]]
         tensor([[-3,  1]])
     """
-    x_idx = _check_int_tensor(x_idx, "x_idx")
-    w_idx = _check_int_tensor(w_idx, "w_idx")
-    if w_idx.dim() != 2:
-        raise ValueError(f"w_idx must be 2-D (out_features, in_features), got {w_idx.dim()}-D")
-    o, k = w_idx.shape
-    if x_idx.dim() < 1 or x_idx.shape[-1] != k:
-        raise ValueError(
-            f"x_idx last dimension must equal w_idx in_features={k}, got shape {tuple(x_idx.shape)}"
-        )
+    x_idx, w_idx, o, k = _check_int_operands(x_idx, w_idx)
     zx = _scalar_int(x_zero, "x_zero")
     zw = _int_param(w_zero, o, "w_zero", w_idx.device)
     xq = x_idx.reshape(1, math.prod(x_idx.shape[:-1]), k).to(torch.int64)
@@ -330,15 +338,7 @@ def int_linear(
         >>> int_linear(x_idx, 0.5, 1, w_idx, 0.25, 2)
         tensor([[-0.3750,  0.1250]])
     """
-    x_idx = _check_int_tensor(x_idx, "x_idx")
-    w_idx = _check_int_tensor(w_idx, "w_idx")
-    if w_idx.dim() != 2:
-        raise ValueError(f"w_idx must be 2-D (out_features, in_features), got {w_idx.dim()}-D")
-    o, k = w_idx.shape
-    if x_idx.dim() < 1 or x_idx.shape[-1] != k:
-        raise ValueError(
-            f"x_idx last dimension must equal w_idx in_features={k}, got shape {tuple(x_idx.shape)}"
-        )
+    x_idx, w_idx, o, k = _check_int_operands(x_idx, w_idx)
     dev = w_idx.device
     sx = _scalar_float(x_scale, "x_scale")
     zx = _scalar_int(x_zero, "x_zero")
