@@ -8,7 +8,14 @@ import torchvision
 from torch import nn
 
 import ddq
-from ddq.budget import Budget, BudgetConstraint, CostModel, fit_to_budget, learnable_quantizers
+from ddq.budget import (
+    Budget,
+    BudgetConstraint,
+    BudgetTracker,
+    CostModel,
+    fit_to_budget,
+    learnable_quantizers,
+)
 
 
 def small_cnn():
@@ -168,3 +175,51 @@ def test_annealed_target_moves_from_the_initial_cost_to_the_budget():
     assert c.target == pytest.approx(6.0)
     c.set_progress(3.0)
     assert c.target == pytest.approx(4.0) and float(c.excess().detach()) == pytest.approx(1.0)
+
+
+def _tracked_model():
+    model = ddq.prepare(small_cnn(), ddq.DDQConfig(first_last_bits="learn", activation=None),
+                        example_inputs=torch.zeros(1, 1, 28, 28))  # fmt: skip
+    return model, CostModel(model)
+
+
+def test_tracker_averages_the_gate_gradients():
+    model, cm = _tracked_model()
+    tracker = BudgetTracker(model, Budget(avg_weight_bits=4), cm, beta=0.5)
+    qs = learnable_quantizers(model)
+    for value in (1.0, 3.0):
+        for q in qs.values():
+            q.gate_logits.grad = torch.full_like(q.gate_logits, value)
+        tracker.observe()
+    for name in qs:  # first observation taken as is, then 0.5 * 1 + 0.5 * 3
+        assert torch.allclose(tracker.ema[name], torch.full((8,), 2.0)), name
+
+
+def test_tracker_follows_the_target_closing_the_least_useful_bits():
+    model, cm = _tracked_model()
+    budget = Budget(avg_weight_bits=4)
+    tracker = BudgetTracker(model, budget, cm, slack=0.05)
+    qs = learnable_quantizers(model)
+    # Bits of layer "5" (pointwise) are costly to lose; the others are free to lose.
+    tracker.ema = {n: torch.full((8,), -1.0 if n.startswith("5.") else 0.0) for n in qs}
+    assert tracker.enforce(8.0 * 1.04) == []  # within the slack: nothing moves
+    total = 0
+    for target in (7.5, 7.0, 6.5, 6.0):
+        actions = tracker.enforce(target)
+        total += len(actions)
+        assert float(budget.measure(cm).detach()) <= target + 1e-9
+        assert all(a.to_bits == a.from_bits - 1 for a in actions)
+    assert tracker.moves == total > 0
+    assert dict(model.named_modules())["5"].weight_quantizer.bits == 8
+    # the closed bits stay trainable: the task gradient may reopen them later
+    assert all(int(q.floor) < int(q.ceiling) for q in qs.values())
+    restored = BudgetTracker(model, budget, cm)
+    restored.load_state_dict(tracker.state_dict())
+    assert restored.moves == tracker.moves and restored.ema.keys() == tracker.ema.keys()
+
+
+@pytest.mark.parametrize("kwargs", [{"slack": -0.1}, {"beta": 1.0}])
+def test_tracker_rejects_bad_settings(kwargs):
+    model, cm = _tracked_model()
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        BudgetTracker(model, Budget(avg_weight_bits=4), cm, **kwargs)

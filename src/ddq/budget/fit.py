@@ -37,6 +37,7 @@ def fit_to_budget(
     cost_model: CostModel,
     gate_grads: dict[str, torch.Tensor],
     fill: bool = True,
+    target: float | None = None,
 ) -> list[FitAction]:
     """Make the model meet ``budget`` exactly (at or under), moving as few bits as needed.
 
@@ -46,13 +47,14 @@ def fit_to_budget(
     gate gradients the caller accumulated over a few batches (``gate_grads``, by
     quantizer name; the straight-through gate-logit gradients are exactly these). With
     ``fill=True``, slack left under the budget is then spent on reopening the bits with the
-    largest estimated loss decrease per unit cost that still fit.
+    largest estimated loss decrease per unit cost that still fit. ``target`` replaces the
+    budget's own target (the training loop passes its annealed target while tracking).
 
     Returns:
         The bits moved, in order (empty when the model already fits and nothing fills).
     """
     qs = learnable_quantizers(model)
-    target = budget.target(cost_model)
+    target = budget.target(cost_model) if target is None else target
     actions: list[FitAction] = []
 
     def measure() -> float:

@@ -72,6 +72,12 @@ class DDQQuantizer(nn.Module):
         ``"adaptive"``: free sorted levels ``q_i = lo + sum_{j<i} softplus(theta_j) u``
         (sorted by construction; ``u`` a fixed unit set at initialisation so the
         parameters are O(1)). Deploys as a ``b``-bit index plus a ``2**b`` table.
+        Unsigned (activations after a ReLU): the grid is shifted so that its lowest
+        ``2**(K-b)`` fine levels average to exactly 0, i.e. the lowest merged level is 0
+        at every bitwidth. *Departure from DDQ.md* (``lo`` fixed at 0): block means of a
+        grid starting at 0 start at half a block above 0, so a ReLU's zeros, often most
+        of a tensor, would all be moved up by that much at low bits; at 3-4 bits this
+        took a calibrated MobileNetV2 from 90% to 10-17% before any training.
 
         ``"uniform"``: ``q_i = s (i - c_b)`` with a learnable step ``s = s_0 exp(lambda)``.
         The anchor ``c_b = Z_b 2^(K-b) + (2^(K-b) - 1) / 2`` is chosen from the current
@@ -180,8 +186,13 @@ class DDQQuantizer(nn.Module):
         if self.mode == "adaptive":
             unit = self.scale_ref / (n - 1)
             gaps = F.softplus(self.raw_gaps) * unit
-            lo = self.lo * self.scale_ref if self.signed is not False else self.lo * 0
-            return torch.cat([lo.reshape(1), lo + torch.cumsum(gaps, 0)])
+            if self.signed is not False:
+                lo = self.lo * self.scale_ref
+                return torch.cat([lo.reshape(1), lo + torch.cumsum(gaps, 0)])
+            # Unsigned: shift the grid so the lowest block (merged level 0) averages to 0.
+            q = torch.cat([gaps.new_zeros(1), torch.cumsum(gaps, 0)])
+            m = 2 ** (self.max_bits - (self.bits if bits is None else bits))
+            return q - q[:m].mean()
         step = self._fine_step()
         idx = torch.arange(n, device=step.device, dtype=step.dtype)
         return step * (idx - self._uniform_anchor(self.bits if bits is None else bits))
@@ -198,6 +209,12 @@ class DDQQuantizer(nn.Module):
 
     def _merge(self, q: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
         v = kronecker_merge(q, g)
+        if self.mode == "adaptive" and self.signed is False:
+            # The lowest level is 0 by construction (see fine_levels); make it 0 to the last
+            # bit, so a ReLU's zeros stay exact zeros in training and in the deployed table.
+            first = torch.zeros_like(v)
+            first[: 2 ** (self.max_bits - bits)] = v[: 2 ** (self.max_bits - bits)].detach()
+            v = v - first
         if self.mode == "uniform":
             # Block means of the uniform grid equal S (j - Z) exactly in real arithmetic but
             # not always to the last float bit; use the exact grid values (what an integer

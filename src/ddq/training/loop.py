@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..budget import Budget, BudgetConstraint, CostModel, FitAction, fit_to_budget
+from ..budget import (
+    Budget,
+    BudgetConstraint,
+    BudgetTracker,
+    CostModel,
+    FitAction,
+    fit_to_budget,
+)
 from ..layers import quantizers_of
 from .calibrate import calibrate
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -39,6 +46,9 @@ class TrainConfig:
         dual_step: step of the Lagrange multiplier's dual ascent.
         anneal: fraction of the learning phase (before the fit) over which the effective
             target moves from the initial cost to the budget.
+        track_slack: while learning, close bits as soon as the cost exceeds the effective
+            target by this fraction (``BudgetTracker``); ``None`` leaves the learning
+            phase to the multiplier alone.
         freeze_epochs: final epochs trained at fixed bits, after the budget fit.
         calib_batches: batches used to calibrate activation ranges.
         fit_batches: batches whose gate gradients rank bits in the budget fit.
@@ -55,6 +65,7 @@ class TrainConfig:
     lr_gates: float = 0.01
     dual_step: float = 0.05
     anneal: float = 0.5
+    track_slack: float | None = 0.01
     freeze_epochs: int = 1
     calib_batches: int = 8
     fit_batches: int = 8
@@ -253,12 +264,19 @@ def train_ddq(
     sched_w = torch.optim.lr_scheduler.LambdaLR(opt_w, cosine)
     sched_q = torch.optim.lr_scheduler.LambdaLR(opt_q, [cosine, lambda _: 1.0])
     constraint = BudgetConstraint(budget, cost_model, step=cfg.dual_step)
+    tracker = (
+        BudgetTracker(model, budget, cost_model, slack=cfg.track_slack)
+        if cfg.track_slack is not None
+        else None
+    )
     if state is not None:
         opt_w.load_state_dict(state["opt_w"])
         opt_q.load_state_dict(state["opt_q"])
         sched_w.load_state_dict(state["sched_w"])
         sched_q.load_state_dict(state["sched_q"])
         constraint.load_state_dict(state["constraint"])
+        if tracker is not None:
+            tracker.load_state_dict(state["tracker"])
     log = MetricsLog(run_path if _is_main() else None, rows)
     fit_epoch = cfg.epochs - cfg.freeze_epochs
     anneal_steps = max(cfg.anneal * fit_epoch * steps_per_epoch, 1e-9)
@@ -278,6 +296,7 @@ def train_ddq(
             do_fit()
         model.train()
         loss_sum = correct = seen = 0.0
+        moves_before = tracker.moves if tracker is not None else 0
         bar = progress(
             range(steps_per_epoch), show, desc=f"ddq {epoch + 1}/{cfg.epochs}", unit="step"
         )
@@ -292,12 +311,16 @@ def train_ddq(
             opt_w.zero_grad(set_to_none=True)
             opt_q.zero_grad(set_to_none=True)
             loss.backward()
+            if tracker is not None and not fitted:
+                tracker.observe()
             opt_w.step()
             opt_q.step()
             sched_w.step()
             sched_q.step()
             if not fitted:
                 constraint.update()
+                if tracker is not None:
+                    tracker.enforce(constraint.target)
             loss_sum += task.item() * y.numel()
             correct += (out.argmax(1) == y).sum().item()
             seen += y.numel()
@@ -322,6 +345,7 @@ def train_ddq(
                 "budget_usage": budget.usage(cost_model),
                 "lambda": constraint.lam,
                 "bits_frozen": int(fitted),
+                "bits_tracked": (tracker.moves if tracker is not None else 0) - moves_before,
                 "lr": sched_w.get_last_lr()[0],
                 "wall_s": time.time() - t0,
             }
@@ -344,6 +368,7 @@ def train_ddq(
                     "sched_w": sched_w.state_dict(),
                     "sched_q": sched_q.state_dict(),
                     "constraint": constraint.state_dict(),
+                    "tracker": tracker.state_dict() if tracker is not None else None,
                     "fitted": fitted,
                     "fit_actions": [dataclasses.asdict(a) for a in actions],
                     "history": log.rows,
@@ -360,4 +385,5 @@ def train_ddq(
         test_acc=test_acc,
         budget_usage=budget.usage(cost_model),
         wall_s=time.time() - t0,
+        extra={"bits_tracked": tracker.moves if tracker is not None else 0},
     )

@@ -1,0 +1,87 @@
+"""Keep the model on the annealed budget target during learning, a bit at a time."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .budget import Budget, learnable_quantizers
+from .cost import CostModel
+from .fit import FitAction, fit_to_budget
+
+__all__ = ["BudgetTracker"]
+
+
+class BudgetTracker:
+    """Close the least useful bits whenever the cost runs ahead of the annealed target.
+
+    The Lagrange multiplier alone reacts slowly: in a short schedule the learning phase can
+    end far over budget, and the final ``fit_to_budget`` then has to remove dozens of bits
+    at once with no training in between, which can break the model (seen at 3- and 2-bit
+    budgets with 128 learning steps). The tracker makes the annealed target a hard
+    schedule: after each step, if the cost exceeds ``target * (1 + slack)``, it closes bits
+    (ranked as in ``fit_to_budget``, by estimated loss increase per unit of budget) until
+    the cost is at or under the target. Bits then leave one or a few at a time while the
+    weights and levels keep training, and the final fit has little left to do. Closed
+    bits stay trainable, so the task gradient can still reopen them; the next step then
+    closes whichever bit is now the cheapest to lose.
+
+    The ranking uses an exponential moving average of the gate-logit gradients of the
+    training loss (task loss plus the constraint's penalty: the penalty adds
+    ``lambda / target`` times each bit's cost, which shifts every bit's loss-per-cost score
+    by the same amount and so leaves the ranking unchanged). Under DDP the gradients are
+    already averaged across processes, so every process takes the same decisions.
+
+    Example:
+        >>> tracker = BudgetTracker(model, Budget(avg_weight_bits=4), CostModel(model))  # doctest: +SKIP
+        >>> loss.backward(); tracker.observe(); opt.step(); tracker.enforce(constraint.target)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        budget: Budget,
+        cost_model: CostModel,
+        slack: float = 0.01,
+        beta: float = 0.9,
+    ) -> None:
+        if slack < 0:
+            raise ValueError(f"slack must be >= 0, got {slack}")
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.model = model
+        self.budget = budget
+        self.cost_model = cost_model
+        self.slack = slack
+        self.beta = beta
+        self.ema: dict[str, torch.Tensor] = {}
+        self.moves = 0
+
+    @torch.no_grad()
+    def observe(self) -> None:
+        """Fold the current gate-logit gradients into the moving average."""
+        for name, q in learnable_quantizers(self.model).items():
+            g = q.gate_logits.grad
+            if g is None:
+                continue
+            if name in self.ema:
+                self.ema[name].mul_(self.beta).add_(g, alpha=1 - self.beta)
+            else:
+                self.ema[name] = g.detach().clone()
+
+    def enforce(self, target: float) -> list[FitAction]:
+        """Close bits until the cost is at or under ``target`` (if it exceeds the slack)."""
+        if float(self.budget.measure(self.cost_model).detach()) <= target * (1 + self.slack):
+            return []
+        actions = fit_to_budget(
+            self.model, self.budget, self.cost_model, self.ema, fill=False, target=target
+        )
+        self.moves += len(actions)
+        return actions
+
+    def state_dict(self) -> dict:
+        return {"ema": {k: v.clone() for k, v in self.ema.items()}, "moves": self.moves}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.ema = {k: v.clone() for k, v in d["ema"].items()}
+        self.moves = int(d["moves"])
