@@ -10,14 +10,15 @@ import struct
 
 import pytest
 import torch
-from test_export_artifact import (
+from export_helpers import (
     TinyNet,
     build_model,
-    one_thread,  # noqa: F401  (autouse fixture)
 )
 
 from ddq.deploy import export, load, read_artifact
 from ddq.deploy.manifest import DIGEST_KEY, MANIFEST_KEY, TABLES_KEY, checksum
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 

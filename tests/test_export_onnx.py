@@ -14,16 +14,17 @@ import collections
 import numpy as np
 import pytest
 import torch
-from test_export_artifact import (
+from export_helpers import (
     A_BITS,
     build_model,
-    one_thread,  # noqa: F401  (autouse fixture)
     rel_diff,
 )
 from torch import nn
 
 import ddq
 from ddq.deploy import export, export_onnx, load
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

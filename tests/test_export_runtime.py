@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_export_artifact import (
+from export_helpers import (
     TOL,
     build_model,
-    one_thread,  # noqa: F401  (autouse fixture)
     quantized_layers,
     rel_diff,
 )
@@ -22,6 +21,8 @@ import ddq
 from ddq.deploy import export, load, set_kernel
 from ddq.deploy import runtime as runtime_module
 from ddq.deploy.runtime import PackedConv1d, PackedConv2d, PackedLinear
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
