@@ -275,7 +275,7 @@ def train_ddq(
         sched_w.load_state_dict(state["sched_w"])
         sched_q.load_state_dict(state["sched_q"])
         constraint.load_state_dict(state["constraint"])
-        if tracker is not None:
+        if tracker is not None and state.get("tracker") is not None:
             tracker.load_state_dict(state["tracker"])
     log = MetricsLog(run_path if _is_main() else None, rows)
     fit_epoch = cfg.epochs - cfg.freeze_epochs
