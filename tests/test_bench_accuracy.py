@@ -27,6 +27,8 @@ def test_accuracy_benchmark_quick(tmp_path):
     for r in data["rows"]:
         if r["method"].startswith("ddq"):
             assert r["size_bytes"] <= fixed["size_bytes"] * (1 + 1e-9)  # same size budget
+    md = (tmp_path / "accuracy.md").read_text()
+    assert "| mobilenet_v2 | W4A4 | 0 |" in md  # the goal check, paired on seed 0
     for png in ("pareto_size.png", "pareto_bitops.png", "mobilenet_v2_bits.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     # a second call reuses the cached runs instead of training again
