@@ -60,7 +60,7 @@ def run_one(method: str, bits: int, fp_model, loaders, example, args, seed: int)
     model = copy.deepcopy(fp_model)
     tcfg = TrainConfig(epochs=args.qat_epochs, seed=seed, progress=False,
                        max_steps_per_epoch=args.max_steps,
-                       lr_gates=args.lr_gates,
+                       lr_gates=args.lr_gates, track_slack=args.track_slack,
                        calib_batches=1 if args.quick else 8,
                        fit_batches=1 if args.quick else 8)  # fmt: skip
     t0 = time.time()
@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr-gates", type=float, default=TrainConfig.lr_gates,
                    help="gate learning rate (raise it for short schedules)")  # fmt: skip
+    p.add_argument("--track-slack", type=lambda v: None if v == "none" else float(v),
+                   default=TrainConfig.track_slack,
+                   help="budget tracker slack for DDQ ('none': multiplier only)")  # fmt: skip
     p.add_argument("--width-mult", type=float, default=1.0, help="mobilenet_v2 width")
     p.add_argument("--out-dir", default="benchmarks/results/accuracy")
     p.add_argument("--fresh", action="store_true", help="ignore cached runs")
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {k: getattr(args, k) for k in ("subset", "fp_epochs", "qat_epochs", "max_steps",
                                               "batch_size", "width_mult", "lr_gates")}  # fmt: skip
+    if args.track_slack != TrainConfig.track_slack:  # keyed only when changed: old keys stay valid
+        settings["track_slack"] = args.track_slack
     splits = create_dataset("mnist5k", subset=args.subset)
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     torch.set_num_threads(torch.get_num_threads())

@@ -140,10 +140,27 @@ def test_fit_closes_the_cheapest_bits_first_and_meets_the_budget():
     # Closing bits of layer "5" (pointwise) hurts a lot; layer "3" (depthwise) not at all.
     grads = {n: torch.full((8,), -1.0 if n.startswith("5.") else 0.0) for n in qs}
     budget = Budget(avg_weight_bits=7.0)
-    actions = fit_to_budget(model, budget, cm, grads, fill=False)
+    actions = fit_to_budget(model, budget, cm, grads, fill=False, close_by="gradient")
     assert budget.usage(cm) <= 1.0
     assert actions and all(not a.quantizer.startswith("5.") for a in actions)
     assert dict(model.named_modules())["5"].weight_quantizer.bits == 8
+
+
+def test_fit_by_logit_closes_the_bits_training_pushed_down_first():
+    model = ddq.prepare(small_cnn(), ddq.DDQConfig(first_last_bits="learn", activation=None),
+                        example_inputs=torch.zeros(1, 1, 28, 28))  # fmt: skip
+    cm = CostModel(model)
+    qs = learnable_quantizers(model)
+    # The gradient says layer "5" is the one to keep, but training pushed its last open
+    # gate nearly shut: the logit ranking follows training, the gradient ranking does not.
+    grads = {n: torch.full((8,), -1.0 if n.startswith("5.") else 0.0) for n in qs}
+    with torch.no_grad():
+        qs["5.weight_quantizer"].gate_logits[7] = 0.01
+    budget = Budget(avg_weight_bits=7.9)
+    by_logit = fit_to_budget(model, budget, cm, grads, fill=False)
+    assert by_logit[0].quantizer == "5.weight_quantizer" and by_logit[0].to_bits == 7
+    with pytest.raises(ValueError, match="close_by"):
+        fit_to_budget(model, budget, cm, grads, close_by="random")
 
 
 def test_fit_fills_slack_with_the_most_useful_bits():
@@ -223,3 +240,22 @@ def test_tracker_rejects_bad_settings(kwargs):
     model, cm = _tracked_model()
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         BudgetTracker(model, Budget(avg_weight_bits=4), cm, **kwargs)
+
+
+def test_train_ddq_with_tracking_reaches_the_budget_before_the_fit():
+    from ddq.data import create_dataset, make_loaders
+    from ddq.training import TrainConfig, train_ddq
+
+    torch.manual_seed(0)
+    train_loader, test_loader = make_loaders(create_dataset("mnist5k", subset=128), 32)
+    model = ddq.prepare(small_cnn(), ddq.DDQConfig(first_last_bits="learn"),
+                        example_inputs=torch.zeros(1, 1, 28, 28))  # fmt: skip
+    cfg = TrainConfig(epochs=2, track_slack=0.01, calib_batches=1, fit_batches=1,
+                      progress=False)  # fmt: skip
+    result = train_ddq(model, train_loader, test_loader, Budget(avg_weight_bits=4), cfg)
+    learning = [r for r in result.history if not r["bits_frozen"]]
+    # The annealed target reached the budget half-way through the learning epoch; the
+    # tracker closed bits so the cost never ran more than 1% ahead of it.
+    assert learning and learning[-1]["budget_usage"] <= 1.01
+    assert sum(r["bits_tracked"] for r in learning) == result.extra["bits_tracked"] > 0
+    assert result.budget_usage <= 1.0

@@ -1,6 +1,5 @@
 """The ddq command line end to end on a subset of the embedded MNIST data."""
 
-import csv
 import json
 
 import pytest
@@ -34,12 +33,6 @@ def test_quantize_meets_the_budget_and_layers_differ(finished_run):
         assert (finished_run / name).is_file(), name
     for png in ("bits_per_layer.png", "levels.png", "training.png"):
         assert (finished_run / "plots" / png).read_bytes()[:4] == b"\x89PNG"
-    # The tracker kept the learning phase on the annealed target: the budget was reached
-    # (within the 1% slack) before the fit, bit by bit, so the fit had little to move.
-    rows = list(csv.DictReader((finished_run / "history.csv").open()))
-    learning = [r for r in rows if r["bits_frozen"] == "0"]
-    assert learning and float(learning[-1]["budget_usage"]) <= 1.01
-    assert sum(int(r["bits_tracked"]) for r in learning) > 0
     saved = json.loads((finished_run / "config.json").read_text())
     assert saved["budget"] == {"avg_weight_bits": 4.0, "max_act_bits": 4}
 

@@ -190,7 +190,9 @@ class DDQQuantizer(nn.Module):
                 lo = self.lo * self.scale_ref
                 return torch.cat([lo.reshape(1), lo + torch.cumsum(gaps, 0)])
             # Unsigned: shift the grid so the lowest block (merged level 0) averages to 0.
-            q = torch.cat([gaps.new_zeros(1), torch.cumsum(gaps, 0)])
+            # ``lo`` is unused here but stays in the graph (times 0): DDP requires every
+            # parameter to receive a gradient.
+            q = torch.cat([self.lo.reshape(1) * 0, torch.cumsum(gaps, 0)])
             m = 2 ** (self.max_bits - (self.bits if bits is None else bits))
             return q - q[:m].mean()
         step = self._fine_step()

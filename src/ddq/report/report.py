@@ -93,7 +93,8 @@ def _markdown(
     if actions:
         md.append(
             f"After the learning phase the model was adjusted by {len(actions)} bit(s) "
-            "(first-order estimate of the loss change per unit of budget):"
+            "(bits closed: lowest gate logit first; bits reopened: largest first-order "
+            "gain per unit of budget; the loss change column is the first-order estimate):"
         )
         md += ["", "| quantizer | bits | est. loss change | budget change |", "|---|---|---|---|"]
         md += [
