@@ -132,13 +132,18 @@ def test_constraint_multiplier_rises_over_budget_and_falls_under():
     assert c.lam < high
 
 
-def test_fit_closes_the_cheapest_bits_first_and_meets_the_budget():
+def _weights_only_model_and_grads():
+    """small_cnn with learnable weight bits only; gradients saying closing bits of layer
+    "5" (pointwise) hurts a lot and closing those of the others not at all."""
     model = ddq.prepare(small_cnn(), ddq.DDQConfig(first_last_bits="learn", activation=None),
                         example_inputs=torch.zeros(1, 1, 28, 28))  # fmt: skip
-    cm = CostModel(model)
     qs = learnable_quantizers(model)
-    # Closing bits of layer "5" (pointwise) hurts a lot; layer "3" (depthwise) not at all.
     grads = {n: torch.full((8,), -1.0 if n.startswith("5.") else 0.0) for n in qs}
+    return model, CostModel(model), qs, grads
+
+
+def test_fit_closes_the_cheapest_bits_first_and_meets_the_budget():
+    model, cm, _, grads = _weights_only_model_and_grads()
     budget = Budget(avg_weight_bits=7.0)
     actions = fit_to_budget(model, budget, cm, grads, fill=False, close_by="gradient")
     assert budget.usage(cm) <= 1.0
@@ -147,13 +152,9 @@ def test_fit_closes_the_cheapest_bits_first_and_meets_the_budget():
 
 
 def test_fit_by_logit_closes_the_bits_training_pushed_down_first():
-    model = ddq.prepare(small_cnn(), ddq.DDQConfig(first_last_bits="learn", activation=None),
-                        example_inputs=torch.zeros(1, 1, 28, 28))  # fmt: skip
-    cm = CostModel(model)
-    qs = learnable_quantizers(model)
+    model, cm, qs, grads = _weights_only_model_and_grads()
     # The gradient says layer "5" is the one to keep, but training pushed its last open
     # gate nearly shut: the logit ranking follows training, the gradient ranking does not.
-    grads = {n: torch.full((8,), -1.0 if n.startswith("5.") else 0.0) for n in qs}
     with torch.no_grad():
         qs["5.weight_quantizer"].gate_logits[7] = 0.01
     budget = Budget(avg_weight_bits=7.9)
