@@ -106,8 +106,14 @@ def run_one(method: str, bits: int, fp_model, loaders, example, args, seed: int)
         floor = 2 if bits > 2 else 1
         ddq.prepare(model, _qcfg(mode, None, floor, grad_scale=method != "ddq-adaptive-noscale"),
                     example_inputs=example)  # fmt: skip
-        res = train_ddq(model, train_loader, test_loader,
-                        Budget(size_bytes=target, max_act_bits=bits), tcfg)  # fmt: skip
+        try:
+            res = train_ddq(model, train_loader, test_loader,
+                            Budget(size_bytes=target, max_act_bits=bits), tcfg)  # fmt: skip
+        except FloatingPointError as e:  # diverged: scored at chance, and said so
+            print(f"{method} {bits}-bit seed {seed} diverged: {e}", flush=True)
+            return {"acc": 10.0, "diverged": True, "size_bytes": target,
+                    "gbitops": float("nan"), "avg_w_bits": float("nan"),
+                    "wall_s": time.time() - t0, "budget_bytes": target}  # fmt: skip
         acc = res.test_acc
         size, gbitops, avg = _size_and_bitops(model)
         extra["budget_bytes"] = target
@@ -247,6 +253,7 @@ def aggregate(records: list[dict]) -> list[dict]:
         rows.append({
             "arch": arch, "method": method, "bits": bits, "n_seeds": len(rs),
             "per_seed": {r["seed"]: r["acc"] for r in rs},
+            "diverged": [r["seed"] for r in rs if r.get("diverged")],
             "acc_mean": statistics.mean(accs),
             "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "size_bytes": statistics.mean(r["size_bytes"] for r in rs),
@@ -296,6 +303,9 @@ def goal_table(rows: list[dict]) -> list[str]:
 
 def write_outputs(records: list[dict], out: Path, args) -> None:
     rows = aggregate(records)
+    if not rows:
+        print(f"no runs in {out / 'runs.jsonl'} match these models, seeds and settings")
+        return
     (out / "accuracy.json").write_text(json.dumps(
         {"settings": vars(args) | {"ablations": args.ablations}, "rows": rows,
          "runs": records, "torch": torch.__version__, "threads": torch.get_num_threads()},
@@ -303,10 +313,13 @@ def write_outputs(records: list[dict], out: Path, args) -> None:
     md = ["| model | method | bits | seeds | top-1 (%) mean ± std | per seed | size (kB) | GBitOps | avg W bits |",
           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        per_seed = " / ".join(f"{a:.1f}" for a in r["per_seed"].values())
+        per_seed = " / ".join(f"{a:.1f}" + ("*" if s in r["diverged"] else "")
+                              for s, a in r["per_seed"].items())  # fmt: skip
         md.append(f"| {r['arch']} | {r['method']} | {r['bits']} | {r['n_seeds']} | "
                   f"{r['acc_mean']:.2f} ± {r['acc_std']:.2f} | {per_seed} | {r['size_bytes'] / 1e3:.1f} | "
                   f"{r['gbitops']:.3f} | {r['avg_w_bits']:.2f} |")  # fmt: skip
+    if any(r["diverged"] for r in rows):
+        md += ["", "\\* training diverged (NaN or Inf): scored at chance, 10%."]
     md += ["", *goal_table(rows)]
     (out / "accuracy.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

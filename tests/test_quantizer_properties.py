@@ -120,6 +120,16 @@ def test_nan_or_inf_in_training_names_the_quantizer_and_leaves_levels_intact():
     torch.testing.assert_close(q.fine_levels().detach(), before)
 
 
+def test_diverged_gate_logits_name_the_quantizer():
+    q = DDQQuantizer()
+    q.name = "features.5.conv.weight"
+    q.init_from(torch.randn(100))
+    with torch.no_grad():
+        q.gate_logits[3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"features\.5\.conv\.weight.*diverged"):
+        q(torch.randn(100))
+
+
 def test_empty_tensor_passes_through():
     q = DDQQuantizer()
     x = torch.empty(0, 3)

@@ -355,7 +355,13 @@ class DDQQuantizer(nn.Module):
                 "a training step before evaluating"
             )
         g = self.gates()
-        bits = int(g.detach().sum())  # the one host sync per call
+        total = float(g.detach().sum())  # the one host sync per call
+        if not math.isfinite(total):
+            raise FloatingPointError(
+                f"{self._label()}: gate logits are NaN or Inf (training diverged; a lower "
+                "learning rate or a larger bit floor may help)"
+            )
+        bits = int(total)
         q = self.fine_levels(bits)
         v = self._merge(_scale_grad(q, self._level_grad_factor(x.numel(), bits)), g, bits)
         if self.mode == "uniform":
