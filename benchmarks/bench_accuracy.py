@@ -22,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import time
@@ -242,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _mean_finite(values) -> float:
+    """Mean over the runs that have the value (a diverged run has no final size or bits)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.mean(finite) if finite else float("nan")
+
+
 def aggregate(records: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -256,9 +263,9 @@ def aggregate(records: list[dict]) -> list[dict]:
             "diverged": [r["seed"] for r in rs if r.get("diverged")],
             "acc_mean": statistics.mean(accs),
             "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "size_bytes": statistics.mean(r["size_bytes"] for r in rs),
-            "gbitops": statistics.mean(r["gbitops"] for r in rs),
-            "avg_w_bits": statistics.mean(r["avg_w_bits"] for r in rs),
+            "size_bytes": _mean_finite(r["size_bytes"] for r in rs),
+            "gbitops": _mean_finite(r["gbitops"] for r in rs),
+            "avg_w_bits": _mean_finite(r["avg_w_bits"] for r in rs),
             "wall_s": statistics.mean(r["wall_s"] for r in rs),
         })  # fmt: skip
     return rows
