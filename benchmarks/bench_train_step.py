@@ -43,16 +43,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_accuracy import _qcfg
+
 import ddq
 from ddq.budget import Budget, BudgetConstraint, BudgetTracker, CostModel
 from ddq.models import create_model
 from ddq.training.optim import split_parameters
-
-
-def _qcfg(mode: str, bits: int | None) -> ddq.DDQConfig:
-    w = ddq.QuantizerConfig(mode=mode, bits=bits, min_bits=2)
-    return ddq.DDQConfig(weight=w, activation=ddq.QuantizerConfig(mode=mode, bits=bits,
-                                                                  min_bits=2, signed=None))  # fmt: skip
 
 
 def _step_fn(
@@ -72,7 +68,7 @@ def _step_fn(
         opts = [torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)]
     else:
         mode = "adaptive" if case == "ddq_adaptive" else "uniform"
-        ddq.prepare(model, _qcfg(mode, 4 if case.startswith("lsq") else None),
+        ddq.prepare(model, _qcfg(mode, 4 if case.startswith("lsq") else None, min_bits=2),
                     example_inputs=example)  # fmt: skip
         model.train()
         with torch.no_grad():

@@ -214,9 +214,8 @@ class DDQQuantizer(nn.Module):
         if self.mode == "adaptive" and self.signed is False:
             # The lowest level is 0 by construction (see fine_levels); make it 0 to the last
             # bit, so a ReLU's zeros stay exact zeros in training and in the deployed table.
-            first = torch.zeros_like(v)
-            first[: 2 ** (self.max_bits - bits)] = v[: 2 ** (self.max_bits - bits)].detach()
-            v = v - first
+            m = 2 ** (self.max_bits - bits)
+            v = torch.cat([v[:m] - v[:m].detach(), v[m:]])
         if self.mode == "uniform":
             # Block means of the uniform grid equal S (j - Z) exactly in real arithmetic but
             # not always to the last float bit; use the exact grid values (what an integer
