@@ -59,11 +59,14 @@ class BudgetTracker:
         self.beta = beta
         self.ema: dict[str, torch.Tensor] = {}
         self.moves = 0
+        # Floors and ceilings are fixed once training starts; listing the quantizers once
+        # keeps a module walk (and, on a GPU, a host sync per floor read) off every step.
+        self._quantizers = learnable_quantizers(model)
 
     @torch.no_grad()
     def observe(self) -> None:
         """Fold the current gate-logit gradients into the moving average."""
-        for name, q in learnable_quantizers(self.model).items():
+        for name, q in self._quantizers.items():
             g = q.gate_logits.grad
             if g is None:
                 continue

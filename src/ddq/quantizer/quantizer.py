@@ -230,7 +230,10 @@ class DDQQuantizer(nn.Module):
     @torch.no_grad()
     def levels(self) -> torch.Tensor:
         """The ``2**b`` distinct levels in use, sorted."""
-        return self.merged_levels()[:: 2 ** (self.max_bits - self.bits)].clone()
+        g = self.gates()
+        bits = int(g.sum())
+        v = self._merge(self.fine_levels(bits), g, bits)
+        return v[:: 2 ** (self.max_bits - bits)].clone()
 
     def _uniform_anchor(self, bits: int) -> float:
         m = 2 ** (self.max_bits - bits)

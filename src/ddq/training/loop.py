@@ -326,7 +326,9 @@ def train_ddq(
             loss_sum += task.item() * y.numel()
             correct += (out.argmax(1) == y).sum().item()
             seen += y.numel()
-            if hasattr(bar, "set_postfix"):
+            # The postfix costs a walk of the cost model; refreshing it every 10 steps is
+            # as readable and keeps it off the training step's profile.
+            if hasattr(bar, "set_postfix") and (step % 10 == 0 or step == steps_per_epoch - 1):
                 bar.set_postfix(
                     loss=f"{loss_sum / seen:.3f}",
                     acc=f"{100 * correct / seen:.1f}",
