@@ -230,7 +230,7 @@ def test_batchnorm_tensor_holds_scale_and_bias_rows(tmp_path):
 def test_cli_export_writes_a_checked_artifact_and_onnx(tmp_path, monkeypatch, capsys):
     import argparse
 
-    pytest.importorskip("onnx")
+    onnx = pytest.importorskip("onnx")
     from ddq.cli import export_cmd
     from ddq.training import pipeline
 
@@ -246,3 +246,6 @@ def test_cli_export_writes_a_checked_artifact_and_onnx(tmp_path, monkeypatch, ca
     assert out.is_file() and onnx_path.is_file()
     with torch.no_grad():
         assert rel_diff(load(out, model=net)(x), net(x)) <= TOL
+    # The batch dimension is symbolic, so ONNX Runtime takes any batch size.
+    graph_input = onnx.load(str(onnx_path)).graph.input[0]
+    assert graph_input.type.tensor_type.shape.dim[0].dim_param

@@ -22,7 +22,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="write a trained run as a packed low-bit artifact (and optionally ONNX)",
         description="Freeze a finished run's model to its learned bits: a safetensors "
         "artifact with b-bit packed weights (load it with ddq.load), checked against the "
-        "run's model; --onnx also writes standard-op ONNX for ONNX Runtime.",
+        "run's model; --onnx also writes standard-op ONNX for ONNX Runtime (dimension 0, the "
+        "batch, left dynamic).",
     )
     p.add_argument(
         "run_dir",
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         )
     print(f"checked: ddq.load({str(args.out)!r}) reproduces the model (max diff {diff:.1e})")
     if args.onnx is not None:
-        export_onnx(model, args.onnx, example)
-        print(f"wrote {args.onnx}")
+        # The run's example is one image; a deployed graph must take any batch size.
+        export_onnx(model, args.onnx, example, dynamic_batch=True)
+        print(f"wrote {args.onnx} (any batch size)")
     return 0
