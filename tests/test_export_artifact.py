@@ -7,6 +7,7 @@ Shared models and helpers: ``export_helpers.py``.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
@@ -236,6 +237,11 @@ def test_cli_export_writes_a_checked_artifact_and_onnx(tmp_path, monkeypatch, ca
 
     net, x = build_model("mixed")
     monkeypatch.setattr(pipeline, "load_run", lambda run_dir: (net, x))
+    # The run's test images: labelled with the model's own predictions, so its reported
+    # PyTorch accuracy must be exactly 100%.
+    with torch.no_grad():
+        labels = net(x).argmax(1)
+    monkeypatch.setattr(export_cmd, "_test_images", lambda run_dir, n, root: (x[:n], labels[:n]))
     parser = argparse.ArgumentParser()
     export_cmd.add_parser(parser.add_subparsers(dest="command"))
     out, onnx_path = tmp_path / "run.ddq.safetensors", tmp_path / "run.onnx"
@@ -249,3 +255,6 @@ def test_cli_export_writes_a_checked_artifact_and_onnx(tmp_path, monkeypatch, ca
     # The batch dimension is symbolic, so ONNX Runtime takes any batch size.
     graph_input = onnx.load(str(onnx_path)).graph.input[0]
     assert graph_input.type.tensor_type.shape.dim[0].dim_param
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert f"ONNX Runtime on {len(x)} test images" in printed
+        assert "accuracy 100.00% (PyTorch)" in printed

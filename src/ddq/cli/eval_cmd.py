@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parsers"]
+__all__ = ["add_parsers", "run_splits"]
 
 
 def add_parsers(sub: Any) -> None:
@@ -20,15 +20,27 @@ def add_parsers(sub: Any) -> None:
     r.set_defaults(func=run_report)
 
 
+def run_splits(run_dir: str | Path, data_root: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The data splits a finished run was trained and tested on, and its saved config."""
+    from ..data import create_dataset
+    from ..training.pipeline import RUN_CONFIG_FILE
+
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a run folder written by `ddq quantize`")
+    cfg = json.loads(path.read_text())
+    splits = create_dataset(cfg["dataset"], root=data_root or cfg["data_root"],
+                            subset=cfg["subset"], seed=cfg["seed"])  # fmt: skip
+    return splits, cfg
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    from ..data import create_dataset, make_loaders
+    from ..data import make_loaders
     from ..training.loop import evaluate
-    from ..training.pipeline import RUN_CONFIG_FILE, load_run
+    from ..training.pipeline import load_run
 
     model, _ = load_run(args.run_dir)
-    cfg = json.loads((Path(args.run_dir) / RUN_CONFIG_FILE).read_text())
-    splits = create_dataset(cfg["dataset"], root=args.data_root or cfg["data_root"],
-                            subset=cfg["subset"], seed=cfg["seed"])  # fmt: skip
+    splits, cfg = run_splits(args.run_dir, args.data_root)
     _, test_loader = make_loaders(splits, cfg["batch_size"], seed=cfg["seed"])
     acc = evaluate(model, test_loader)
     print(f"{args.run_dir}: test accuracy {acc:.2f}% ({len(splits.test)} examples)")

@@ -33,6 +33,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="artifact to write (*.safetensors)")
     p.add_argument("--onnx", type=Path, default=None, help="also write this ONNX file")
+    p.add_argument(
+        "--check-images",
+        type=int,
+        default=256,
+        metavar="N",
+        help="with --onnx: run N of the run's test images through ONNX Runtime and the "
+        "trained model and print how well they agree (0: skip; needs onnxruntime)",
+    )
+    p.add_argument("--data-root", default=None, help="override the run's dataset folder")
     p.set_defaults(func=run)
     return p
 
@@ -68,4 +77,49 @@ def run(args: argparse.Namespace) -> int:
         # The run's example is one image; a deployed graph must take any batch size.
         export_onnx(model, args.onnx, example, dynamic_batch=True)
         print(f"wrote {args.onnx} (any batch size)")
+        if args.check_images > 0:
+            _check_onnx(model, args, source)
     return 0
+
+
+def _test_images(run_dir: Path, n: int, data_root: str | None) -> tuple[Any, Any]:
+    """The first ``n`` test images of the run's dataset and their labels."""
+    import torch
+
+    from .eval_cmd import run_splits
+
+    splits, _ = run_splits(run_dir, data_root)
+    items = [splits.test[i] for i in range(min(n, len(splits.test)))]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+def _check_onnx(model: Any, args: argparse.Namespace, run_dir: Path) -> None:
+    """Print ONNX Runtime's agreement with the trained model on the run's test images.
+
+    Not an error when they differ slightly: ONNX Runtime sums in another order, and a value
+    a few ulps away can land across a quantization threshold (BENCHMARKS.md section 3).
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        print("skipped the ONNX Runtime check: onnxruntime is not installed (pip install "
+              "'ddq[onnx]')")  # fmt: skip
+        return
+    import numpy as np
+    import torch
+
+    x, y = _test_images(run_dir, args.check_images, args.data_root)
+    session = ort.InferenceSession(str(args.onnx), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    got = np.concatenate([session.run(None, {name: b.numpy()})[0] for b in x.split(64)])
+    with torch.no_grad():
+        want = torch.cat([model(b) for b in x.split(64)]).numpy()
+    diff = float(np.abs(got - want).max()) / max(float(np.abs(want).max()), 1e-12)
+    agree = float((got.argmax(1) == want.argmax(1)).mean())
+    labels = y.numpy()
+    print(
+        f"ONNX Runtime on {len(x)} test images: top-1 agreement {100 * agree:.1f}%, accuracy "
+        f"{100 * float((want.argmax(1) == labels).mean()):.2f}% (PyTorch) / "
+        f"{100 * float((got.argmax(1) == labels).mean()):.2f}% (ONNX Runtime), max |diff| "
+        f"{100 * diff:.1f}% of the output scale"
+    )
