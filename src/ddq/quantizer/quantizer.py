@@ -205,9 +205,13 @@ class DDQQuantizer(nn.Module):
 
     def merged_levels(self) -> torch.Tensor:
         """``v = U(g) q``: one value per fine index, ``2**b`` distinct."""
+        return self._merged_with_bits()[0]
+
+    def _merged_with_bits(self) -> tuple[torch.Tensor, int]:
+        """``merged_levels()`` and the bitwidth, from one evaluation of the gates."""
         g = self.gates()
         bits = int(g.detach().sum())
-        return self._merge(self.fine_levels(bits), g, bits)
+        return self._merge(self.fine_levels(bits), g, bits), bits
 
     def _merge(self, q: torch.Tensor, g: torch.Tensor, bits: int) -> torch.Tensor:
         v = kronecker_merge(q, g)
@@ -230,9 +234,7 @@ class DDQQuantizer(nn.Module):
     @torch.no_grad()
     def levels(self) -> torch.Tensor:
         """The ``2**b`` distinct levels in use, sorted."""
-        g = self.gates()
-        bits = int(g.sum())
-        v = self._merge(self.fine_levels(bits), g, bits)
+        v, bits = self._merged_with_bits()
         return v[:: 2 ** (self.max_bits - bits)].clone()
 
     def _uniform_anchor(self, bits: int) -> float:
