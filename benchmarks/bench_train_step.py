@@ -10,8 +10,9 @@ model:
 - ``brevitas_w4a4``: brevitas integer quantizers at 4 bits (first/last 8), SGD (skipped
   when brevitas is not installed);
 - ``ddq_uniform`` / ``ddq_adaptive``: learned bits (2..8) under an average-4-bit budget:
-  the penalty, the dual update and the budget tracker included, i.e. everything
-  ``train_ddq`` does per learning step.
+  the penalty and the dual update of every ``train_ddq`` learning step, plus the opt-in
+  budget tracker (``TrainConfig.track_slack``; off by default), so the figure is an upper
+  bound on a default step.
 
 Every repeat runs every case once in a shuffled order so a shared machine's load falls
 on all alike; medians after warm-up are reported in ms and as ratios to ``fp32`` (and to
