@@ -1,4 +1,4 @@
-"""``DDQQuantizer``: one tensor's differentiable dynamic quantizer (DDQ.md §1)."""
+"""``DDQQuantizer``: one tensor's differentiable dynamic quantizer (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fitting import best_uniform_step, fine_from_levels, fit_table_and_scales, lloyd_levels
 from .gates import ordered_gates
 from .lookup import AdaptiveIndexer, UniformIndexer, table_lookup
 from .merge import kronecker_merge
@@ -36,6 +37,20 @@ def _initial_logits(bits: int, max_bits: int) -> torch.Tensor:
 
 
 _SOFTPLUS_INV_ONE = math.log(math.expm1(1.0))
+
+
+def _version_of(x: torch.Tensor) -> tuple[int, int] | None:
+    """``(id, in-place version)`` of a tensor; ``None`` for inference-mode tensors."""
+    try:
+        return id(x), x._version
+    except RuntimeError:
+        return None
+
+
+def _softplus_inv(y: torch.Tensor) -> torch.Tensor:
+    """``log(expm1(y))`` for ``y > 0``, stable for small and large ``y``."""
+    y = y.clamp(min=1e-12)
+    return y + torch.log(-torch.expm1(-y))
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -74,7 +89,7 @@ class DDQQuantizer(nn.Module):
         parameters are O(1)). Deploys as a ``b``-bit index plus a ``2**b`` table.
         Unsigned (activations after a ReLU): the grid is shifted so that its lowest
         ``2**(K-b)`` fine levels average to exactly 0, i.e. the lowest merged level is 0
-        at every bitwidth. *Departure from DDQ.md* (``lo`` fixed at 0): block means of a
+        at every bitwidth. *Departure from the paper's formulation* (``lo`` fixed at 0): block means of a
         grid starting at 0 start at half a block above 0, so a ReLU's zeros, often most
         of a tensor, would all be moved up by that much at low bits; at 3-4 bits this
         took a calibrated MobileNetV2 from 90% to 10-17% before any training.
@@ -84,9 +99,25 @@ class DDQQuantizer(nn.Module):
         bitwidth so that the merged ``b``-bit levels are exactly ``S (j - Z_b)`` with step
         ``S = 2^(K-b) s`` and integer zero point ``Z_b = 2^(b-1)`` (signed) or ``0``
         (unsigned): a standard integer quantizer at every bitwidth, deployable as
-        int8/uint8 QDQ. *Departure from DDQ.md*, which has a free ``lo``: block means of a
+        int8/uint8 QDQ. *Departure from the paper's formulation*, which has a free ``lo``: block means of a
         free uniform grid sit half a fine step off any integer zero point, which no integer
         runtime can represent. Use ``"adaptive"`` for asymmetric ranges.
+
+    Per-channel (``channels=C``, weights): one normalised table per layer times a learned
+    scale per output channel (axis 0): an element of channel ``c`` quantizes to
+    ``levels()[j] * channel_scales()[c]`` (one float multiply, which a runtime repeats
+    exactly). Bits stay per layer, as in the paper. In uniform mode the normalised fine
+    step is fixed at exactly 1, so the normalised ``b``-bit grid is ``2^(K-b) (j - Z_b)``
+    and the channel's integer step is ``2^(K-b) channel_scales()[c]``: per-channel int8
+    QDQ with one zero point.
+
+    Data-driven start (``init_from``): uniform grids take the MSE-searched clipping step
+    at the current bitwidth (per channel when per-channel); adaptive tables take Lloyd's
+    (k-means) levels at the current bitwidth (alternated with a per-channel scale search
+    when per-channel), spread into fine levels by ``fitting.fine_from_levels``. With
+    ``refit_on_bits=True`` (weights) the quantizer re-fits itself from its input whenever
+    its bitwidth differs from the one it was fitted at (gates, the budget fit), so a
+    layer that drops to 3 bits gets the best 3-bit levels, not the 8-bit ones merged.
 
     Level-gradient scaling: the gradient of every level parameter is multiplied by
     ``1 / sqrt(N (2^b - 1))`` (``N`` the tensor's element count), LSQ's rule, so that one
@@ -100,6 +131,10 @@ class DDQQuantizer(nn.Module):
         signed: ``True``/``False``, or ``None`` to decide from the data at initialisation
             (unsigned when nothing observed is negative, e.g. after a ReLU).
         grad_scale: apply the level-gradient scaling above.
+        channels: the number of output channels (axis 0) for per-channel scales, or
+            ``None`` for one range per tensor.
+        refit_on_bits: re-initialise from the input whenever the bitwidth changes (for
+            weight quantizers, whose input is the weight itself).
 
     Example:
         >>> qz = DDQQuantizer(max_bits=4, min_bits=2, mode="uniform")
@@ -118,6 +153,8 @@ class DDQQuantizer(nn.Module):
         mode: Mode = "adaptive",
         signed: bool | None = True,
         grad_scale: bool = True,
+        channels: int | None = None,
+        refit_on_bits: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(max_bits, int) or not 1 <= max_bits <= 8:
@@ -128,7 +165,12 @@ class DDQQuantizer(nn.Module):
             )
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if channels is not None and (not isinstance(channels, int) or channels < 1):
+            raise ValueError(f"channels must be None or a positive integer, got {channels!r}")
         self.max_bits = max_bits
+        self.signed_from_data = signed is None  # re-decided by every calibration
+        self.channels = channels
+        self.refit_on_bits = refit_on_bits
         self.mode: Mode = mode
         self.grad_scale = grad_scale
         self.name = ""  # set by ddq.prepare; used in error messages
@@ -140,14 +182,33 @@ class DDQQuantizer(nn.Module):
         if mode == "adaptive":
             self.lo = nn.Parameter(torch.tensor(0.0))
             self.raw_gaps = nn.Parameter(torch.full((n - 1,), _SOFTPLUS_INV_ONE))
-        else:
+        elif channels is None:
             self.log_step = nn.Parameter(torch.tensor(0.0))
+        # Per-channel uniform: the normalised fine step is exactly 1 (scale_ref), the
+        # channel scales carry the range; a learnable global step would be redundant.
+        if channels is not None:
+            self.log_channel_scale = nn.Parameter(torch.zeros(channels))
+            self.register_buffer("channel_ref", torch.ones(channels))
         # Persistent state (saved in checkpoints, loadable with weights_only=True).
         self.register_buffer("scale_ref", torch.tensor(1.0))
         self.register_buffer("floor", torch.tensor(min_bits))
         self.register_buffer("ceiling", torch.tensor(max_bits))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("signed_state", torch.tensor(-1 if signed is None else int(signed)))
+        # The bitwidth the levels were last fitted from data at (-1: never).
+        self.register_buffer("fit_bits", torch.tensor(-1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        # Checkpoints written before ``fit_bits`` existed: treat them as fitted at their bits.
+        key = prefix + "fit_bits"
+        if key not in state_dict and prefix + "gate_logits" in state_dict:
+            gates = ordered_gates(
+                state_dict[prefix + "gate_logits"],
+                int(state_dict.get(prefix + "floor", self.floor)),
+                int(state_dict.get(prefix + "ceiling", self.ceiling)),
+            )
+            state_dict[key] = gates.sum().long()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ----------------------------------------------------------------- state queries
     @property
@@ -164,6 +225,23 @@ class DDQQuantizer(nn.Module):
         """``None`` until decided from data (when constructed with ``signed=None``)."""
         s = int(self.signed_state)
         return None if s < 0 else bool(s)
+
+    @property
+    def per_channel(self) -> bool:
+        return self.channels is not None
+
+    def _channel_scales(self) -> torch.Tensor:
+        return self.channel_ref * torch.exp(self.log_channel_scale)
+
+    def channel_scales(self) -> torch.Tensor | None:
+        """Per-channel scales (shape ``(C,)``, float32), or ``None`` for a per-tensor quantizer.
+
+        An element of channel ``c`` quantizes to ``levels()[j] * channel_scales()[c]``.
+        """
+        if self.channels is None:
+            return None
+        with torch.no_grad():
+            return self._channel_scales().float().clone()
 
     def gates(self) -> torch.Tensor:
         """Ordered hard gates ``g`` (shape ``(max_bits,)``) with straight-through gradient."""
@@ -201,6 +279,8 @@ class DDQQuantizer(nn.Module):
 
     def _fine_step(self) -> torch.Tensor:
         """Uniform mode: the fine step ``s`` (one rounding, as every consumer sees it)."""
+        if self.channels is not None:
+            return self.scale_ref  # exactly 1: see the class docstring
         return self.scale_ref * torch.exp(self.log_step)
 
     def merged_levels(self) -> torch.Tensor:
@@ -281,13 +361,93 @@ class DDQQuantizer(nn.Module):
         self.ceiling.fill_(cap)
 
     @torch.no_grad()
-    def init_from(self, x: torch.Tensor) -> None:
-        """Initialise the dynamic range (and signedness if undecided) from a tensor."""
+    def init_from(self, x: torch.Tensor, keep_channel_scales: bool = False) -> None:
+        """Fit the levels to a tensor at the current bitwidth (see the class docstring).
+
+        Uniform: the MSE-searched clipping step (per channel for a per-channel quantizer).
+        Adaptive: Lloyd's levels (with per-channel scales for a per-channel quantizer), the
+        lowest pinned at 0 when unsigned. Signedness, if undecided, is decided here.
+        ``keep_channel_scales`` (adaptive, per-channel): keep the learned channel scales and
+        fit only the table (what a bitwidth change re-fits: cheap, and the scales stay).
+        """
+        x_in = x
         x = x.detach()
         self._check_finite(x)
         if x.numel() == 0:
             raise ValueError(f"{self._label()}: cannot initialise from an empty tensor")
-        self.init_range(float(x.min()), float(x.max()))
+        if self.channels is not None and (x.dim() == 0 or x.shape[0] != self.channels):
+            raise ValueError(
+                f"{self._label()}: per-channel quantizer for {self.channels} channels got a "
+                f"tensor of shape {tuple(x.shape)}"
+            )
+        if self.signed is None:
+            self.signed_state.fill_(int(bool((x < 0).any())))
+        signed = bool(self.signed)
+        if not signed:
+            x = x.clamp(min=0)
+        if float(x.abs().max()) <= 1e-12:  # all zeros: any small positive range will do
+            if self.channels is not None:
+                self.channel_ref.fill_(1e-6)
+                self.log_channel_scale.zero_()
+                x = torch.zeros(1)
+            else:
+                self.init_range(0.0, 1e-6)
+                self.fit_bits.fill_(self.bits)
+                return
+        b = self.bits
+        block = 2 ** (self.max_bits - b)
+        if self.mode == "uniform":
+            if self.channels is not None:
+                step = best_uniform_step(x, b, signed, channel_axis=0)
+                self.channel_ref.copy_(step / block)
+                self.log_channel_scale.zero_()
+                self.scale_ref.fill_(1.0)
+            else:
+                step = best_uniform_step(x, b, signed)
+                self.scale_ref.fill_(float(step) / block)
+                self.log_step.zero_()
+        else:
+            if self.channels is not None and x.numel() > 1:
+                keep = keep_channel_scales and int(self.fit_bits) >= 0
+                table, scales = fit_table_and_scales(
+                    x,
+                    2**b,
+                    rounds=1 if keep else 2,
+                    fix_zero=not signed,
+                    scales=self._channel_scales() if keep else None,
+                )
+                self.channel_ref.copy_(scales)
+                self.log_channel_scale.zero_()
+            else:
+                table = lloyd_levels(x, 2**b, fix_zero=not signed)
+            self._set_fine_levels(fine_from_levels(table, block))
+        self.initialized.fill_(True)
+        self.fit_bits.fill_(b)
+        self._fitted_to = _version_of(x_in)
+
+    def fitted_to(self, x: torch.Tensor) -> bool:
+        """Whether the levels were fitted to ``x`` as it is now, at the current bitwidth.
+
+        Tracks the tensor's in-place version counter, which optimizer steps and
+        ``load_state_dict`` bump, so a weight trained since its fit reads ``False``.
+        """
+        return (
+            getattr(self, "_fitted_to", None) in (_version_of(x),)
+            and _version_of(x) is not None
+            and int(self.fit_bits) == self.bits
+        )
+
+    @torch.no_grad()
+    def _set_fine_levels(self, fine: torch.Tensor) -> None:
+        """Adaptive mode: set ``lo`` and the gaps so that ``fine_levels()`` returns ``fine``."""
+        n = self.n_fine
+        span = float(fine[-1] - fine[0])
+        span = span if span > 1e-12 else 1e-6
+        self.scale_ref.fill_(span)
+        self.lo.fill_(float(fine[0]) / span)
+        unit = span / (n - 1)
+        gaps = (fine[1:] - fine[:-1]).double().clamp(min=1e-9 * span) / unit
+        self.raw_gaps.copy_(_softplus_inv(gaps).float())
 
     @torch.no_grad()
     def init_range(self, lo: float, hi: float) -> None:
@@ -298,6 +458,8 @@ class DDQQuantizer(nn.Module):
             lo, hi = 0.0, max(hi, 0.0)
         if hi - lo <= 1e-12:  # constant tensor: any small positive range will do
             hi = lo + max(abs(lo) * 1e-3, 1e-6)
+        if self.channels is not None:
+            raise ValueError(f"{self._label()}: init_range is per-tensor; use init_from")
         if self.mode == "adaptive":
             self.scale_ref.fill_(hi - lo)
             self.lo.fill_(lo / (hi - lo))
@@ -311,17 +473,30 @@ class DDQQuantizer(nn.Module):
             self.scale_ref.fill_(step / 2 ** (self.max_bits - b))
             self.log_step.zero_()
         self.initialized.fill_(True)
+        self.fit_bits.fill_(self.bits)
 
     def start_calibration(self) -> None:
         """Observe inputs (passing them through unquantized) until ``finish_calibration``."""
         self.calibrating = True
-        self._observer = RangeObserver()
+        self._observer = RangeObserver(self._label())
+        if self.signed_from_data:  # e.g. decided "unsigned" by a stray forward on zeros
+            self.signed_state.fill_(-1)
 
-    def finish_calibration(self) -> None:
-        """Initialise the range from what was observed (all-reduced under DDP)."""
+    def finish_calibration(self, method: str = "mse") -> None:
+        """Fit the levels to what was observed (gathered over processes under DDP).
+
+        ``method="mse"``: ``init_from`` on the observed subsample (MSE-searched step or
+        Lloyd levels). ``method="percentile"``: spread the levels over the mean
+        0.01%/99.99% quantiles (the earlier default, kept for comparison).
+        """
         if self._observer is None:
             raise RuntimeError(f"{self._label()}: start_calibration() was not called")
-        self.init_range(*self._observer.result())
+        if method == "mse":
+            self.init_from(self._observer.sample())
+        elif method == "percentile":
+            self.init_range(*self._observer.result())
+        else:
+            raise ValueError(f"calibration method must be 'mse' or 'percentile', got {method!r}")
         self.calibrating = False
         self._observer = None
 
@@ -366,17 +541,56 @@ class DDQQuantizer(nn.Module):
                 "learning rate or a larger bit floor may help)"
             )
         bits = int(total)
+        if self.refit_on_bits and bits != int(self.fit_bits):
+            self.init_from(x, keep_channel_scales=True)  # the best levels at the new bits
         q = self.fine_levels(bits)
         v = self._merge(_scale_grad(q, self._level_grad_factor(x.numel(), bits)), g, bits)
+        indexer = self._indexer(q, bits)
+        if self.channels is None:
+            return table_lookup(x, v.to(x.dtype), indexer)
+        per_channel_numel = x.numel() // self.channels
+        cs = _scale_grad(self._channel_scales(), self._level_grad_factor(per_channel_numel, bits))
+        cs = cs.to(x.dtype).view(self._channel_shape(x))
+        return table_lookup(x / cs, v.to(x.dtype), indexer) * cs
+
+    def _indexer(self, q: torch.Tensor, bits: int) -> UniformIndexer | AdaptiveIndexer:
         if self.mode == "uniform":
             step = self._fine_step().detach()
-            indexer = UniformIndexer(1.0 / step, self._uniform_anchor(bits), self.n_fine)
-        else:
-            indexer = AdaptiveIndexer(q.detach())
-        return table_lookup(x, v.to(x.dtype), indexer)
+            return UniformIndexer(1.0 / step, self._uniform_anchor(bits), self.n_fine)
+        return AdaptiveIndexer(q.detach())
+
+    def _channel_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        if x.dim() == 0 or x.shape[0] != self.channels:
+            raise ValueError(
+                f"{self._label()}: per-channel quantizer for {self.channels} channels got a "
+                f"tensor of shape {tuple(x.shape)}"
+            )
+        return (-1,) + (1,) * (x.dim() - 1)
+
+    @torch.no_grad()
+    def indices(self, x: torch.Tensor) -> torch.Tensor:
+        """The merged level index (``0..2**b - 1``, int64) of every element of ``x``.
+
+        ``self(x)`` equals ``levels()[indices(x)]``, times the channel scale of each
+        element's channel for a per-channel quantizer.
+
+        Example:
+            >>> qz = DDQQuantizer(max_bits=3, mode="uniform", signed=True)
+            >>> qz.init_range(-4.0, 3.0); qz.set_bits(3)
+            >>> qz.indices(torch.tensor([-4.0, 0.0, 2.9]))
+            tensor([0, 4, 7])
+        """
+        bits = self.bits
+        q = self.fine_levels(bits).detach()
+        xs = x.detach()
+        if self.channels is not None:
+            xs = xs / self._channel_scales().to(xs.dtype).view(self._channel_shape(xs))
+        fine, _ = self._indexer(q, bits)(xs, need_mask=False)
+        return fine.long() // 2 ** (self.max_bits - bits)
 
     def extra_repr(self) -> str:
         return (
             f"mode={self.mode}, bits={self.bits}, max_bits={self.max_bits}, "
             f"min_bits={self.min_bits}, signed={self.signed}"
+            + (f", channels={self.channels}" if self.channels is not None else "")
         )
