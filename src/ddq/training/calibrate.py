@@ -9,14 +9,29 @@ import torch
 from torch import nn
 
 from ..conversion.macs import as_args
-from ..layers import quantizers_of
+from ..layers import QuantLayer, quantizers_of
 
 __all__ = ["calibrate"]
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 8) -> int:
-    """Set the range of every not-yet-initialised quantizer from ``num_batches`` batches.
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int = 8,
+    method: str = "mse",
+    keep_ranges: bool = False,
+) -> int:
+    """Fit every quantizer to data: weights to the current weights, inputs to ``num_batches``.
+
+    Every quantizer is (re-)initialised, so a stray forward before calibration (a quick
+    "does it run" call on zeros after ``prepare``, which initialises input ranges from
+    that batch) cannot leave collapsed ranges behind; ``keep_ranges=True`` calibrates only
+    the quantizers that were never initialised. ``method`` is ``"mse"`` (MSE-searched
+    step or Lloyd levels on a subsample of the observed inputs; the default, see
+    docs/method.md) or ``"percentile"`` (levels spread over the 0.01%/99.99% quantiles).
+    A NaN or Inf in the data raises ``FloatingPointError`` naming the first layer whose
+    input held it.
 
     Batches may be tensors, tuples of positional inputs, or ``(inputs, target)`` pairs
     from a ``DataLoader`` (the first element is used). Quantizers observe their inputs
@@ -29,13 +44,27 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 8) ->
     running statistics are restored afterwards and dropout is off.
 
     Returns:
-        The number of quantizers calibrated.
+        The number of input quantizers calibrated from data.
 
     Example:
         >>> calibrate(model, loader, num_batches=4)   # doctest: +SKIP
         53
     """
-    targets = [q for q in quantizers_of(model).values() if not bool(q.initialized)]
+    if method not in ("mse", "percentile"):
+        raise ValueError(f"calibration method must be 'mse' or 'percentile', got {method!r}")
+    weight_qs = set()
+    for m in model.modules():
+        if isinstance(m, QuantLayer):
+            weight_qs.add(m.weight_quantizer)
+            wq = m.weight_quantizer
+            stale = not bool(wq.initialized) or not wq.fitted_to(m.weight)
+            if stale and (not keep_ranges or not bool(wq.initialized)):
+                wq.init_from(m.weight)
+    targets = [
+        q
+        for q in quantizers_of(model).values()
+        if q not in weight_qs and (not keep_ranges or not bool(q.initialized))
+    ]
     modes = {m: m.training for m in model.modules()}
     bn_state = {
         m: {k: v.clone() for k, v in m.state_dict().items()}
@@ -59,8 +88,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int = 8) ->
         if seen == 0:
             raise ValueError("calibrate got no batches")
         for q in targets:
-            if q._observer is not None and q._observer._sum[2] > 0:
-                q.finish_calibration()
+            if q._observer is not None and q._observer.batches > 0:
+                q.finish_calibration(method)
             else:  # a branch the calibration data never reached: initialise on first use
                 q.calibrating = False
                 q._observer = None
