@@ -38,7 +38,8 @@ def test_cost_model_equals_hand_count_on_small_cnn():
     biases_and_bn = 8 + 8 + 16 + 10 + 2 * 8  # conv/linear biases + BN affine
     cm = CostModel(model)
     assert cm.fp32_bytes() == (sum(weights) + biases_and_bn) * 4
-    assert cm.size_bytes() == (sum(weights) * 8 + biases_and_bn * 32) / 8
+    scales = 8 + 8 + 16 + 10  # one float per output channel of each per-channel weight
+    assert cm.size_bytes() == (sum(weights) * 8 + (biases_and_bn + scales) * 32) / 8
     assert cm.gbitops() == pytest.approx(sum(macs) * 64 / 1e9)
     mods = dict(model.named_modules())
     mods["3"].weight_quantizer.set_bits(3)
@@ -46,7 +47,11 @@ def test_cost_model_equals_hand_count_on_small_cnn():
     bits_w, bits_a = [8, 3, 8, 8], [8, 8, 2, 8]
     assert (
         cm.size_bytes()
-        == (sum(n * b for n, b in zip(weights, bits_w, strict=True)) + biases_and_bn * 32) / 8
+        == (
+            sum(n * b for n, b in zip(weights, bits_w, strict=True))
+            + (biases_and_bn + scales) * 32
+        )
+        / 8
     )
     assert cm.avg_weight_bits() == pytest.approx(
         sum(n * b for n, b in zip(weights, bits_w, strict=True)) / sum(weights)
@@ -67,7 +72,12 @@ def test_cost_model_on_resnet18_at_224():
     conv_fc_weights = sum(
         m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)
     )
-    assert cm.size_bytes() == (conv_fc_weights * 8 + (n_params - conv_fc_weights) * 32) / 8
+    channels = sum(
+        m.weight.shape[0] for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)
+    )
+    assert cm.size_bytes() == (
+        conv_fc_weights * 8 + (n_params - conv_fc_weights + channels) * 32
+    ) / 8
 
 
 def test_costs_are_differentiable_in_the_gates():
@@ -177,6 +187,23 @@ def test_fit_fills_slack_with_the_most_useful_bits():
     assert budget.usage(cm) <= 1.0
     assert actions[0].quantizer.startswith("5.") and actions[0].to_bits == 3
     # no single remaining bit fits in what is left
+    left = budget.target(cm) - float(budget.measure(cm).detach())
+    assert all(budget.unit_cost(cm, n, q) > left for n, q in qs.items() if q.bits < 8)
+
+
+def test_fit_spends_the_budget_even_where_the_gradient_sees_no_gain():
+    """The first-order gain of reopening a bit is noisy (here it says every bit would hurt);
+    the fill still reopens the highest-logit bits until no closed bit fits in the slack."""
+    model, cm, qs, _ = _weights_only_model_and_grads()
+    for q in qs.values():
+        q.set_bits(2, trainable=True)
+    with torch.no_grad():  # training pushed layer "3"'s third bit nearest to reopening
+        qs["3.weight_quantizer"].gate_logits[2] = -0.01  # the others: -0.25
+    grads = {n: torch.full((8,), 1.0) for n in qs}  # opening any bit "increases the loss"
+    budget = Budget(avg_weight_bits=5.0)
+    actions = fit_to_budget(model, budget, cm, grads)
+    assert actions[0].quantizer == "3.weight_quantizer" and actions[0].to_bits == 3
+    assert 0.97 <= budget.usage(cm) <= 1.0
     left = budget.target(cm) - float(budget.measure(cm).detach())
     assert all(budget.unit_cost(cm, n, q) > left for n, q in qs.items() if q.bits < 8)
 

@@ -1,9 +1,10 @@
 """Cost models of a prepared model: size in bits and BitOps, differentiable in the gates.
 
 - size: ``sum over quantized layers of n_weights * b_w`` plus 32 bits for every other
-  parameter (biases, BatchNorm, layers left float). Level tables and scales are
+  parameter (biases, BatchNorm, layers left float) and for every per-channel weight
+  scale (one float per output channel of a per-channel quantizer). Level tables are
   deployment overhead reported by the exporter, not part of the budgeted cost (they are
-  not linear in the gates and are a few hundred bytes per layer).
+  not linear in the gates and are at most 2^b floats per layer).
 - BitOps: ``sum over conv/linear layers of MACs * b_w * b_a``; a float weight or input
   counts as 32 bits.
 - average weight bits: ``sum n_w b_w / sum n_w`` over quantized layers, so 4.0 means the
@@ -82,11 +83,15 @@ class CostModel:
             if id(p) not in quantized_weights and id(p) not in quantizer_params
         )
         self.quant_weight_elements = sum(lc.weight_elements for lc in self.layers if lc.quantized)
+        #: per-channel weight scales, stored at 32 bits each
+        self.channel_scales = sum(
+            lc.module.weight_quantizer.channels or 0 for lc in self.layers if lc.quantized
+        )
 
     # -- size
     def size_bits(self) -> torch.Tensor:
         """Model size in bits (differentiable in the weight gates)."""
-        total = torch.tensor(float(self.float_params * FLOAT_BITS))
+        total = torch.tensor(float((self.float_params + self.channel_scales) * FLOAT_BITS))
         for lc in self.layers:
             bits = lc.w_bits() if lc.quantized else torch.tensor(0.0)
             total = total + lc.weight_elements * bits

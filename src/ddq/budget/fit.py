@@ -52,9 +52,12 @@ def fit_to_budget(
     name; the straight-through gate-logit gradients are exactly these). On MobileNetV2 at
     a 3-bit size the gradient ranking, moving ~80 bits at once, broke the model (11%
     accuracy) where the logit ranking kept it (see BENCHMARKS.md). With
-    ``fill=True``, slack left under the budget is then spent on reopening the bits with the
-    largest estimated loss decrease per unit cost that still fit. ``target`` replaces the
-    budget's own target (the training loop passes its annealed target while tracking).
+    ``fill=True`` the slack left under the budget is then spent: the closed bit that
+    training pushed least (the highest gate logit; ties by estimated loss decrease per
+    unit cost) is reopened, one at a time, until no closed bit fits in what is left, so a
+    run ends using its budget rather than wherever the closing stopped. ``target``
+    replaces the budget's own target (the training loop passes its annealed target while
+    tracking).
 
     Returns:
         The bits moved, in order (empty when the model already fits and nothing fills).
@@ -86,23 +89,26 @@ def fit_to_budget(
         q.set_bits(b - 1, trainable=True)
         actions.append(FitAction(name, b, b - 1, -_gate_grad(gate_grads, name, b), -cost))
 
+    full: set[str] = set()  # quantizers whose next bit turned out not to fit
     while fill:
         slack = target - measure()
         best = None
         for name, q in qs.items():
             b = q.bits
             cost = budget.unit_cost(cost_model, name, q)
-            if b >= int(q.ceiling) or cost <= 0 or cost > slack:
+            if name in full or b >= int(q.ceiling) or cost <= 0 or cost > slack:
                 continue
             gain = -_gate_grad(gate_grads, name, b + 1)  # loss decrease of opening
-            if gain > 0 and (best is None or gain / cost > best[0]):
-                best = (gain / cost, name, q, b, cost)
+            score = (float(q.gate_logits[b]), gain / cost)
+            if best is None or score > best[0]:
+                best = (score, name, q, b, cost)
         if best is None:
             break
         _, name, q, b, cost = best
         q.set_bits(b + 1, trainable=True)
-        if measure() > target * (1 + 1e-9):  # cost estimate was off: undo and stop
+        if measure() > target * (1 + 1e-9):  # cost estimate was off: undo, try the others
             q.set_bits(b, trainable=True)
-            break
+            full.add(name)
+            continue
         actions.append(FitAction(name, b, b + 1, _gate_grad(gate_grads, name, b + 1), cost))
     return actions
