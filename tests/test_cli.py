@@ -83,6 +83,22 @@ def test_settings_from_a_yaml_file_are_used_and_saved(tmp_path):
     assert json.loads((out / "report.json").read_text())["totals"]["size_ratio_vs_fp32"] <= 0.2
 
 
+def test_weights_are_per_channel_unless_per_tensor_is_asked_for(tmp_path, finished_run):
+    from ddq.training.pipeline import load_run
+
+    model, _ = load_run(finished_run)
+    wq = dict(model.named_modules())["features.0.0"].weight_quantizer
+    assert wq.channels == 16 and wq.channel_scales().shape == (16,)
+    out = tmp_path / "pt"
+    args = ["--model", "small_cnn", "--subset", "128", "--fp-epochs", "0", "--epochs", "1",
+            "--freeze-epochs", "0", "--first-last", "learn", "--no-progress", "--per-tensor",
+            "--out", str(out)]  # fmt: skip
+    assert main(["quantize", *args]) == 0
+    assert json.loads((out / "config.json").read_text())["ddq"]["weight"]["per_channel"] is False
+    model, _ = load_run(out)
+    assert all(q.channels is None for n, q in model.named_modules() if n.endswith("weight_quantizer"))
+
+
 @pytest.mark.parametrize(
     "extra, match",
     [

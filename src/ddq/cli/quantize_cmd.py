@@ -38,6 +38,8 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--max-bits", type=int, help="largest bitwidth K (default 8)")
     q.add_argument("--min-bits", type=int, help="bitwidth floor (default 2)")
     q.add_argument("--first-last", help="first/last layer: bits (default 8), 'learn' or 'float'")
+    q.add_argument("--per-tensor", action="store_true",
+                   help="one weight range per layer instead of one scale per output channel")  # fmt: skip
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, help="DDQ epochs (default 6)")
     t.add_argument("--fp-epochs", type=int, help="FP32 pre-training epochs without --weights")
@@ -86,6 +88,8 @@ def settings_from_args(args: argparse.Namespace) -> RunConfig:
             ddq["weight"] = {**ddq["weight"], key: val}
             if ddq.get("activation") is not None:
                 ddq["activation"] = {**ddq["activation"], key: val}
+    if args.per_tensor:
+        ddq["weight"] = {**ddq["weight"], "per_channel": False}
     if args.first_last is not None:
         fl = args.first_last
         ddq["first_last_bits"] = int(fl) if fl.isdigit() else fl

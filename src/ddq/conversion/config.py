@@ -24,6 +24,8 @@ class QuantizerConfig:
         signed: ``True``/``False``, or ``None`` to decide from calibration data.
         grad_scale: LSQ-style scaling of the level gradient.
         bits: a fixed bitwidth (gates frozen), or ``None`` to learn it.
+        per_channel: weights only: one scale per output channel (axis 0) times one table
+            per layer (bits stay per layer). Activations must be per-tensor.
 
     Example:
         >>> QuantizerConfig(max_bits=4, mode="uniform").build().bits
@@ -36,6 +38,7 @@ class QuantizerConfig:
     signed: bool | None = True
     grad_scale: bool = True
     bits: int | None = None
+    per_channel: bool = False
 
     def validate(self, where: str = "quantizer") -> None:
         """Raise ``ValueError`` naming ``where`` and the bad field."""
@@ -48,6 +51,11 @@ class QuantizerConfig:
             )
         if self.mode not in MODES:
             raise ValueError(f"{where}: unknown mode {self.mode!r}; expected one of {MODES}")
+        for key in ("grad_scale", "per_channel"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{where}: {key} must be true or false, got {getattr(self, key)!r}")
+        if self.signed is not None and not isinstance(self.signed, bool):
+            raise ValueError(f"{where}: signed must be true, false or null, got {self.signed!r}")
         if self.bits is not None and (
             not isinstance(self.bits, int) or not 1 <= self.bits <= self.max_bits
         ):
@@ -56,8 +64,12 @@ class QuantizerConfig:
                 f"got {self.bits!r}"
             )
 
-    def build(self) -> DDQQuantizer:
-        """A new quantizer with these settings."""
+    def build(self, channels: int | None = None, refit_on_bits: bool = False) -> DDQQuantizer:
+        """A new quantizer with these settings.
+
+        ``channels``: the weight's output channels, used when ``per_channel`` is set.
+        ``refit_on_bits``: re-fit the levels to the input when the bitwidth changes (weights).
+        """
         self.validate()
         q = DDQQuantizer(
             max_bits=self.max_bits,
@@ -65,6 +77,8 @@ class QuantizerConfig:
             mode=self.mode,  # type: ignore[arg-type]
             signed=self.signed,
             grad_scale=self.grad_scale,
+            channels=channels if self.per_channel else None,
+            refit_on_bits=refit_on_bits,
         )
         if self.bits is not None:
             q.set_bits(self.bits, trainable=False)
@@ -109,7 +123,9 @@ class DDQConfig:
         True
     """
 
-    weight: QuantizerConfig = field(default_factory=lambda: QuantizerConfig(signed=True))
+    weight: QuantizerConfig = field(
+        default_factory=lambda: QuantizerConfig(signed=True, per_channel=True)
+    )
     activation: QuantizerConfig | None = field(default_factory=lambda: QuantizerConfig(signed=None))
     by_type: dict[str, dict[str, Any]] = field(default_factory=dict)
     by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -122,6 +138,8 @@ class DDQConfig:
         self.weight.validate("DDQConfig.weight")
         if self.activation is not None:
             self.activation.validate("DDQConfig.activation")
+            if self.activation.per_channel:
+                raise ValueError("DDQConfig.activation: per_channel is for weights only")
         fl = self.first_last_bits
         if not (fl in ("learn", "float") or (isinstance(fl, int) and 1 <= fl <= 8)):
             raise ValueError(
@@ -155,7 +173,9 @@ class DDQConfig:
         if unknown:
             raise ValueError(f"unknown DDQConfig key(s) {unknown}; known: {sorted(names)}")
         if "weight" in d:
-            d["weight"] = QuantizerConfig().replace("DDQConfig.weight", **d["weight"])
+            d["weight"] = QuantizerConfig(per_channel=True).replace(
+                "DDQConfig.weight", **d["weight"]
+            )
         if d.get("activation") is not None:
             d["activation"] = QuantizerConfig(signed=None).replace(
                 "DDQConfig.activation", **d["activation"]

@@ -46,6 +46,7 @@ class DDQState:
                 self.config.quantize_network_input and a is not None and fl != "float"
             ),
             "weights_signed": self.config.weight.signed,
+            "weights_per_channel": self.config.weight.per_channel,
             "activations_signed": "auto (from calibration)"
             if a and a.signed is None
             else (a.signed if a else None),
@@ -188,7 +189,7 @@ def prepare(
             if w_cfg is None:
                 state.float_layers.append((name, type(module).__name__, "weight override None"))
                 continue
-            wq = w_cfg.build()
+            wq = w_cfg.build(channels=module.weight.shape[0], refit_on_bits=True)
             wq.name = f"{name}.weight"
             wq.init_from(module.weight)
             aq = None
