@@ -1,7 +1,8 @@
 """Models and helpers shared by the ``test_export_*`` files.
 
 ``build_model`` gives a prepared, calibrated ``TinyNet`` with mixed bits: the oracle for
-the exported artifact, the runtime and ONNX is its fake-quantized output.
+the exported artifact, the runtime and ONNX is its fake-quantized output. Weights are
+per-channel by default (as in ``ddq.DDQConfig``); ``per_channel=False`` gives per-tensor.
 """
 
 from __future__ import annotations
@@ -73,18 +74,23 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
 
 
-def build_model(mode: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+def build_model(
+    mode: str, seed: int = 0, per_channel: bool = True
+) -> tuple[nn.Module, torch.Tensor]:
     """A prepared, calibrated TinyNet with mixed bits, and a test batch.
 
     ``mode``: ``"uniform"``, ``"adaptive"``, or ``"mixed"`` (weights and activations
-    alternate between the modes layer by layer).
+    alternate between the modes layer by layer). ``per_channel``: per-channel weight
+    scales (the default) or one range per weight tensor.
     """
     torch.manual_seed(seed)
     net = TinyNet()
     randomize_batchnorm(net)
     x = torch.randn(6, 3, 12, 12)
     cfg = ddq.DDQConfig(
-        weight=ddq.QuantizerConfig(mode="uniform" if mode == "mixed" else mode),
+        weight=ddq.QuantizerConfig(
+            mode="uniform" if mode == "mixed" else mode, per_channel=per_channel
+        ),
         activation=ddq.QuantizerConfig(mode="adaptive" if mode == "mixed" else mode, signed=None),
         first_last_bits="learn",
     )
@@ -101,6 +107,16 @@ def build_model(mode: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
         layer.input_quantizer.set_bits(ab)
     ddq.calibrate(net, [torch.randn(16, 3, 12, 12) for _ in range(2)])
     return net.eval(), x
+
+
+def quantized_weight_parts(
+    layer: QuantLayer,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(fake-quantized weight, table, channel scales or None)`` of a prepared layer."""
+    q = layer.weight_quantizer
+    with torch.no_grad():
+        values = q(layer.weight)
+    return values, q.levels(), q.channel_scales()
 
 
 def rel_diff(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -1,7 +1,8 @@
 """``ddq.export`` / ``ddq.load``: packed artifact contents, sizes, and exact reproduction.
 
 The oracle is the fake-quantized PyTorch model (``ddq.prepare`` + calibration, eval mode):
-the loaded runtime must give its outputs (max abs difference <= 1e-5 of max |output|).
+the loaded runtime must give its outputs (max abs difference <= 1e-5 of max |output|; the
+float kernel in fact bit for bit). Weights are per-channel (the default) or per-tensor.
 Shared models and helpers: ``export_helpers.py``.
 """
 
@@ -18,6 +19,7 @@ from export_helpers import (
     TinyNet,
     build_model,
     quantized_layers,
+    quantized_weight_parts,
     randomize_batchnorm,
     rel_diff,
     settle_batchnorm,
@@ -42,9 +44,11 @@ from ddq.quantizer import DDQQuantizer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("mode", ["uniform", "adaptive", "mixed"])
-def test_load_reproduces_fake_quant_model(tmp_path, mode):
-    net, x = build_model(mode)
+def test_load_reproduces_fake_quant_model(tmp_path, mode, per_channel):
+    net, x = build_model(mode, per_channel=per_channel)
+    assert (net.dw.weight_quantizer.channel_scales() is not None) == per_channel
     with torch.no_grad():
         want = net(x)
     info = export(net, tmp_path / "tiny.ddq.safetensors")
@@ -52,6 +56,7 @@ def test_load_reproduces_fake_quant_model(tmp_path, mode):
     with torch.no_grad():
         got = runtime(x)
     assert rel_diff(got, want) <= TOL
+    assert torch.equal(got, want)  # decoded weights are the fake-quantized ones exactly
     # No training-time module survives; every layer kind has its deploy module.
     kinds = {type(m) for m in runtime.modules()}
     assert not kinds & {DDQQuantizer, nn.BatchNorm1d, nn.BatchNorm2d}
@@ -62,8 +67,12 @@ def test_load_reproduces_fake_quant_model(tmp_path, mode):
     assert isinstance(net.dw, QuantLayer)
 
 
-def test_weights_are_packed_at_b_bits_and_decode_to_the_quantized_weights(tmp_path):
-    net, _ = build_model("adaptive")
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("mode", ["uniform", "adaptive"])
+def test_weights_are_packed_at_b_bits_and_decode_to_the_quantized_weights(
+    tmp_path, mode, per_channel
+):
+    net, _ = build_model(mode, per_channel=per_channel)
     export(net, tmp_path / "a.safetensors")
     manifest, tensors = read_artifact(tmp_path / "a.safetensors")
     for name, layer in quantized_layers(net):
@@ -71,14 +80,63 @@ def test_weights_are_packed_at_b_bits_and_decode_to_the_quantized_weights(tmp_pa
         bits = layer.weight_quantizer.bits
         n = layer.weight.numel()
         packed = tensors[index_key(name)]
-        assert spec.weight.bits == bits
+        assert spec.weight.bits == bits and spec.weight.per_channel == per_channel
         assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n * bits / 8)
-        table = spec.split_tables(tensors[TABLES_KEY])["weight_table"]
+        parts = spec.split_tables(tensors[TABLES_KEY])
+        table = parts["weight_table"]
         assert table.numel() == 2**bits
-        codes = unpack_bits(packed, bits, n).long()
-        with torch.no_grad():
-            want = layer.weight_quantizer(layer.weight).reshape(-1)
-        assert torch.equal(table[codes], want)
+        want, levels, scales = quantized_weight_parts(layer)
+        assert torch.equal(table, levels)
+        codes = unpack_bits(packed, bits, n).long().view(layer.weight.shape)
+        assert torch.equal(codes, layer.weight_quantizer.indices(layer.weight))
+        if per_channel:
+            # One float32 scale per output channel; element = table[idx] * scale[c], exactly.
+            got_scales = parts["channel_scales"]
+            assert got_scales.dtype == torch.float32 and torch.equal(got_scales, scales)
+            view = (-1,) + (1,) * (layer.weight.dim() - 1)
+            assert torch.equal(table[codes] * got_scales.view(view), want)
+        else:
+            assert "channel_scales" not in parts and scales is None
+            assert torch.equal(table[codes], want)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weight_indices_are_checked_and_fall_back_to_an_exact_search(
+    tmp_path, monkeypatch, per_channel
+):
+    net, x = build_model("adaptive", per_channel=per_channel)
+    q = net.pw.weight_quantizer
+    # Indices that do not decode to the quantized weights: export looks the exact values
+    # up among the exact levels (times their channel scale) instead.
+    monkeypatch.setattr(q, "indices", lambda w: torch.zeros_like(w, dtype=torch.long))
+    export(net, tmp_path / "a.safetensors")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "a.safetensors", model=net)(x), net(x))
+    # Weights that are not on the levels at all are refused.
+    monkeypatch.setattr(q, "forward", lambda w: w)
+    with pytest.raises(RuntimeError, match=r"layer 'pw': quantized weights are not all table"):
+        export(net, tmp_path / "b.safetensors")
+
+
+def test_per_channel_uniform_weights_are_an_exact_integer_grid_per_channel(tmp_path):
+    """Channel c's weights are ``(scale * channel_scales[c]) * (j - zero_point)`` exactly:
+    per-channel affine integer quantization on axis 0 with one shared zero point."""
+    net, _ = build_model("uniform", per_channel=True)
+    export(net, tmp_path / "u.safetensors")
+    manifest, tensors = read_artifact(tmp_path / "u.safetensors")
+    for name, layer in quantized_layers(net):
+        w = manifest.layers[name].weight
+        step, zero = layer.weight_quantizer.uniform_params()
+        assert (w.scale, w.zero_point) == (step, zero)
+        assert math.frexp(w.scale)[0] == 0.5  # a power of two
+        parts = manifest.layers[name].split_tables(tensors[TABLES_KEY])
+        integer_step = parts["channel_scales"] * w.scale  # exact: times a power of two
+        codes = unpack_bits(tensors[index_key(name)], w.bits, layer.weight.numel()).long()
+        codes = codes.view(layer.weight.shape)
+        view = (-1,) + (1,) * (layer.weight.dim() - 1)
+        grid = (codes - zero).float() * integer_step.view(view)
+        want, _, _ = quantized_weight_parts(layer)
+        assert torch.equal(grid, want), name
 
 
 def test_manifest_records_layers_conventions_and_checksums(tmp_path):
@@ -86,7 +144,7 @@ def test_manifest_records_layers_conventions_and_checksums(tmp_path):
     arch = {"name": "tiny", "kwargs": {"in_channels": 3}}
     export(net, tmp_path / "m.safetensors", arch=arch)
     manifest, tensors = read_artifact(tmp_path / "m.safetensors")
-    assert manifest.format_version == FORMAT_VERSION
+    assert manifest.format_version == FORMAT_VERSION == 2
     assert manifest.architecture == arch
     assert manifest.conventions == net.ddq_state.conventions()
     assert list(manifest.layers) == [n for n, _ in quantized_layers(net)]
@@ -100,6 +158,10 @@ def test_manifest_records_layers_conventions_and_checksums(tmp_path):
     )  # fmt: skip
     scale, zero = net.dw.weight_quantizer.uniform_params()
     assert dw.weight.scale == pytest.approx(scale, rel=1e-7) and dw.weight.zero_point == zero
+    # Weights per channel (the default); activations never.
+    assert all(s.weight.per_channel for s in manifest.layers.values())
+    assert not any(s.input.per_channel for s in manifest.layers.values())
+    assert manifest.conventions["weights_per_channel"] is True
     assert [s.input.bits for s in manifest.layers.values()] == list(A_BITS)
     assert set(manifest.batchnorm) == {"bn", "bn2", "bn1"}
     assert set(manifest.checksums) == set(tensors)
@@ -150,11 +212,13 @@ def _mnist(n: int) -> torch.Tensor:
 
 
 def _independent_theoretical_bytes(model: nn.Module) -> float:
-    """sum(n b / 8) + tables + float parts, recomputed from the prepared model."""
+    """sum(n b / 8) + tables (+ channel scales) + float parts, from the prepared model."""
     total = 0.0
     for _, layer in quantized_layers(model):
         bw = layer.weight_quantizer.bits
         total += layer.weight.numel() * bw / 8 + 4 * 2**bw
+        if layer.weight_quantizer.per_channel:
+            total += 4 * layer.weight.shape[0]  # one float32 scale per output channel
         if layer.input_quantizer is not None:
             total += 4 * (2 * 2**layer.input_quantizer.bits - 1)
         if layer.bias is not None:
@@ -165,8 +229,13 @@ def _independent_theoretical_bytes(model: nn.Module) -> float:
     return total
 
 
-@pytest.mark.parametrize(("name", "mode"), [("resnet18", "adaptive"), ("mobilenet_v2", "uniform")])
-def test_registry_models_are_small_and_reload_from_the_manifest(tmp_path, name, mode):
+# Per-channel adaptive is covered on TinyNet: its data-driven start (Lloyd's table
+# alternated with a scale search per channel) takes minutes on a registry model here.
+@pytest.mark.parametrize(
+    ("name", "mode", "per_channel"),
+    [("resnet18", "adaptive", False), ("mobilenet_v2", "uniform", True)],
+)
+def test_registry_models_are_small_and_reload_from_the_manifest(tmp_path, name, mode, per_channel):
     from ddq.models import create_model
 
     kwargs = {"num_classes": 10, "in_channels": 1, "small_input": True}
@@ -174,7 +243,7 @@ def test_registry_models_are_small_and_reload_from_the_manifest(tmp_path, name, 
     model = create_model(name, **kwargs)
     images = _mnist(8)
     cfg = ddq.DDQConfig(
-        weight=ddq.QuantizerConfig(mode=mode),
+        weight=ddq.QuantizerConfig(mode=mode, per_channel=per_channel),
         activation=ddq.QuantizerConfig(mode=mode, signed=None),
     )
     settle_batchnorm(model, images)
@@ -203,6 +272,7 @@ def test_registry_models_are_small_and_reload_from_the_manifest(tmp_path, name, 
     with torch.no_grad():
         got = runtime(images)
     assert rel_diff(got, want) <= TOL
+    assert torch.equal(got, want)
     assert not any(isinstance(m, DDQQuantizer) for m in runtime.modules())
 
 

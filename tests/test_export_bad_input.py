@@ -13,6 +13,7 @@ import torch
 from export_helpers import (
     TinyNet,
     build_model,
+    rel_diff,
 )
 
 from ddq.deploy import export, load, read_artifact
@@ -25,7 +26,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    """A valid artifact and the model it came from."""
+    """A valid artifact (per-channel weights) and the model it came from."""
     net, _ = build_model("mixed")
     path = tmp_path_factory.mktemp("art") / "good.ddq.safetensors"
     export(net, path, arch={"name": "small_cnn", "kwargs": {"num_classes": 10}})
@@ -38,9 +39,10 @@ def split(data: bytes) -> tuple[dict, bytes]:
     return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
-def rewrite(src, dst, edit_manifest=None, edit_tensors=None) -> None:
+def rewrite(src, dst, edit_manifest=None, edit_tensors=None, fix_checksums=False) -> None:
     """Re-save an artifact with an edited manifest/tensors and a *valid* digest, as a
-    careless tool would: only the consistency checks can catch it."""
+    careless tool would: only the consistency checks can catch it. ``fix_checksums``: also
+    recompute the tensor checksums, so only the checks on the values can."""
     manifest, tensors = read_artifact(src)
     text = manifest.to_json()
     d = json.loads(text)
@@ -48,6 +50,8 @@ def rewrite(src, dst, edit_manifest=None, edit_tensors=None) -> None:
         edit_manifest(d)
     if edit_tensors:
         edit_tensors(tensors)
+    if fix_checksums:
+        d["checksums"] = {k: checksum(t) for k, t in tensors.items()}
     text = json.dumps(d)
     meta = {MANIFEST_KEY: text, DIGEST_KEY: checksum(text.encode())}
     dst.write_bytes(safetensors_torch.save(tensors, metadata=meta))
@@ -121,6 +125,23 @@ def test_unknown_format_version(tmp_path, artifact):
         (lambda d: d["layers"]["fc"]["weight"].update(mode="int4"), None, "mode is 'int4'"),
         (lambda d: d["layers"]["fc"].pop("weight_shape"), None, "lacks the field 'weight_shape'"),
         (lambda d: d["layers"]["fc"]["input"].update(bits=True), None, "bits has the wrong type"),
+        (
+            lambda d: d["layers"]["fc"]["weight"].update(per_channel=1),
+            None,
+            "per_channel has the wrong type",
+        ),
+        (
+            lambda d: d["layers"]["fc"]["input"].update(per_channel=True),
+            None,
+            "activations are never per_channel",
+        ),
+        # Per-tensor weights read from a per-channel file: its tables are too long.
+        (
+            lambda d: d["layers"]["pw"]["weight"].pop("per_channel"),
+            None,
+            r"'ddq\.tables' is torch\.float32 \(\d+,\), the manifest implies",
+        ),
+        (lambda d: d.update(format_version=1), None, "version 1 has no per-channel weights"),
     ],
 )
 def test_manifest_and_tensors_that_disagree(
@@ -132,6 +153,37 @@ def test_manifest_and_tensors_that_disagree(
     with pytest.raises(ValueError, match=r"disagree\.safetensors: ") as e:
         load(bad, model=net)
     assert e.match(problem)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+def test_channel_scales_must_be_finite_and_positive(tmp_path, artifact, bad):
+    path, net = artifact
+    manifest, _ = read_artifact(path)
+    at = manifest.layers["dw"].offset + manifest.layers["dw"].weight.levels + 3  # channel 3
+
+    def edit(tensors):
+        tensors[TABLES_KEY] = tensors[TABLES_KEY].clone()
+        tensors[TABLES_KEY][at] = bad
+
+    bad_path = tmp_path / "scale.safetensors"
+    rewrite(path, bad_path, edit_tensors=edit, fix_checksums=True)
+    with pytest.raises(
+        ValueError, match=r"scale\.safetensors: .*'dw' has channel scales that are not all finite"
+    ):
+        load(bad_path, model=net)
+
+
+def test_format_version_1_per_tensor_artifacts_still_load(tmp_path):
+    """Version 1 (before per-channel weights) had the same layout for per-tensor layers."""
+    net, x = build_model("mixed", per_channel=False)
+    path, old = tmp_path / "v2.safetensors", tmp_path / "v1.safetensors"
+    export(net, path)
+    rewrite(path, old, edit_manifest=lambda d: d.update(format_version=1))
+    manifest, _ = read_artifact(old)
+    assert manifest.format_version == 1
+    with torch.no_grad():
+        assert torch.equal(load(old, model=net)(x), net(x))
+        assert rel_diff(load(old, model=net, kernel="reference")(x), net(x)) <= 1e-5
 
 
 def test_architecture_that_does_not_match(tmp_path, artifact):

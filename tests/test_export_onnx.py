@@ -5,6 +5,9 @@ must agree to float rounding. Uniform mode goes through ``QuantizeLinear``, whos
 (``x / scale``) and ONNX Runtime's integer kernels differ from the fake-quant arithmetic
 in the last bit, which can move a value sitting on a rounding boundary by one step; the
 bound allows that, and nothing like a wrong scale, zero point or weight layout.
+
+Weights are per-channel (the default: per-channel ``DequantizeLinear`` on axis 0, or
+``Gather`` then ``Mul`` by the channel scales) or per-tensor; both are checked.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from export_helpers import (
     A_BITS,
     build_model,
+    quantized_layers,
     rel_diff,
 )
 from torch import nn
@@ -53,8 +57,29 @@ def initializer_dtypes(path) -> dict[str, int]:
     return {t.name: t.data_type for t in onnx.load(str(path)).graph.initializer}
 
 
-def test_uniform_mode_is_standard_qdq_run_by_integer_kernels(tmp_path):
-    net, x = build_model("uniform")
+def constants(graph) -> dict[str, np.ndarray]:
+    """Every initializer and ``Constant`` output of a graph, by name."""
+    out = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            value = onnx.helper.get_attribute_value(n.attribute[0])
+            is_tensor = isinstance(value, onnx.TensorProto)
+            out[n.output[0]] = onnx.numpy_helper.to_array(value) if is_tensor else np.array(value)
+    return out
+
+
+def weight_dequantizers(graph) -> dict[str, onnx.NodeProto]:
+    """The ``DequantizeLinear`` of each layer's integer weight codes, by layer name."""
+    return {
+        n.input[0].removesuffix(".codes"): n
+        for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0].endswith(".codes")
+    }
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_uniform_mode_is_standard_qdq_run_by_integer_kernels(tmp_path, per_channel):
+    net, x = build_model("uniform", per_channel=per_channel)
     with torch.no_grad():
         want = net(x)
     path = export_onnx(net, tmp_path / "u.onnx", x)
@@ -68,8 +93,27 @@ def test_uniform_mode_is_standard_qdq_run_by_integer_kernels(tmp_path):
     tp = onnx.TensorProto
     assert inits["dw.codes"] == tp.INT8 and inits["fc.codes"] == tp.INT8
     assert not any(k.endswith(".weight") for k in inits)  # no float weights in the file
-    codes = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    graph = onnx.load(str(path)).graph
+    codes = constants(graph)
     assert codes["pw.codes"].min() >= -2 and codes["pw.codes"].max() <= 1  # 2-bit grid
+    # Weights: per-channel QDQ on axis 0 where per-channel, or where a BatchNorm was folded
+    # in (conv, dw, c1); per-tensor otherwise. The integer step is the artifact's exactly.
+    for name, layer in quantized_layers(net):
+        dq = weight_dequantizers(graph)[name]
+        scale, zero = codes[dq.input[1]], codes[dq.input[2]]
+        axis = {a.name: a.i for a in dq.attribute}.get("axis", 1)
+        q = layer.weight_quantizer
+        if name in ("pw", "fc"):  # no BatchNorm after them: the quantizer's own scales
+            step, _ = q.uniform_params()
+            if per_channel:
+                assert axis == 0 and scale.shape == zero.shape == (layer.weight.shape[0],)
+                want_step = (q.channel_scales() * step).numpy()
+                np.testing.assert_array_equal(scale, want_step)
+                assert (zero == 0).all()  # int8 container of the signed grid
+            else:
+                assert scale.size == 1 and scale.item() == np.float32(step)
+        else:
+            assert axis == 0 and scale.shape == (layer.weight.shape[0],)
 
     optimized = tmp_path / "u.opt.onnx"
     got = run_ort(path, x, optimized)
@@ -80,8 +124,9 @@ def test_uniform_mode_is_standard_qdq_run_by_integer_kernels(tmp_path):
     assert rel_diff(unfused, want) <= UNIFORM_TOL
 
 
-def test_adaptive_mode_is_index_gather_and_threshold_search(tmp_path):
-    net, x = build_model("adaptive")
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_adaptive_mode_is_index_gather_and_threshold_search(tmp_path, per_channel):
+    net, x = build_model("adaptive", per_channel=per_channel)
     with torch.no_grad():
         want = net(x)
     path = export_onnx(net, tmp_path / "a.onnx", x)
@@ -89,7 +134,26 @@ def test_adaptive_mode_is_index_gather_and_threshold_search(tmp_path):
     # b steps of Gather/Greater/Where per activation (O(N b)); no one-hot, no N x 2^b.
     assert ops["Greater"] == ops["Where"] == sum(A_BITS)
     assert not {"QuantizeLinear", "OneHot", "Equal", "ArgMin", "ArgMax"} & set(ops)
-    assert ops["Mul"] == 3 and ops["Add"] >= 3  # the three BatchNorms as Mul/Add
+    # The three BatchNorms as Mul/Add; per-channel weights add Gather(table) * scales.
+    assert ops["Mul"] == 3 + 5 * per_channel and ops["Add"] >= 3
+    if per_channel:
+        graph = onnx.load(str(path)).graph
+        values = constants(graph)
+        producers = {o: n for n in graph.node for o in n.output}
+        layers = dict(quantized_layers(net))
+        scaled = {}
+        for mul in (n for n in graph.node if n.op_type == "Mul"):
+            gather = producers.get(mul.input[0])
+            if gather is None or gather.op_type != "Gather":
+                continue
+            name = gather.input[0].removesuffix(".table")
+            scaled[name] = values[mul.input[1]]
+        assert set(scaled) == set(layers)
+        for name, scale in scaled.items():
+            weight = layers[name].weight
+            assert scale.shape == (weight.shape[0],) + (1,) * (weight.dim() - 1)
+            want_scale = layers[name].weight_quantizer.channel_scales()
+            np.testing.assert_array_equal(scale.reshape(-1), want_scale.numpy())
     inits = initializer_dtypes(path)
     assert all(
         inits[f"{n}.codes"] == onnx.TensorProto.UINT8 for n in ("conv", "dw", "pw", "c1", "fc")
@@ -97,8 +161,9 @@ def test_adaptive_mode_is_index_gather_and_threshold_search(tmp_path):
     assert rel_diff(run_ort(path, x), want) <= ADAPTIVE_TOL
 
 
-def test_mixed_modes_and_a_loaded_runtime_export_the_same_graph(tmp_path):
-    net, x = build_model("mixed")
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_mixed_modes_and_a_loaded_runtime_export_the_same_graph(tmp_path, per_channel):
+    net, x = build_model("mixed", per_channel=per_channel)
     with torch.no_grad():
         want = net(x)
     export(net, tmp_path / "m.safetensors")
@@ -130,11 +195,12 @@ class ReLU6Net(nn.Module):
         return self.c(nn.functional.relu6(self.bn2(self.b(x))))
 
 
-def test_relu6_moves_onto_integer_codes_and_convs_fuse(tmp_path):
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_relu6_moves_onto_integer_codes_and_convs_fuse(tmp_path, per_channel):
     torch.manual_seed(0)
     x = torch.randn(4, 3, 10, 10) * 2
     cfg = ddq.DDQConfig(
-        weight=ddq.QuantizerConfig(mode="uniform", bits=4),
+        weight=ddq.QuantizerConfig(mode="uniform", bits=4, per_channel=per_channel),
         activation=ddq.QuantizerConfig(mode="uniform", bits=4, signed=None),
         first_last_bits="learn",
     )

@@ -1,8 +1,9 @@
 """The deploy runtime's two kernels against the fake-quantized model.
 
 ``kernel="float"`` decodes the weights once; ``kernel="reference"`` runs the low-precision
-products of DDQ.md §3 (integer GEMM on the codes when weight and input are both uniform,
-table-lookup accumulation otherwise). Both must give the fake-quantized model's outputs.
+products of the method's deployment (integer GEMM on the codes when weight and input are
+both uniform, table-lookup accumulation otherwise, then the per-channel weight scale).
+Both must give the fake-quantized model's outputs, with per-channel and per-tensor weights.
 """
 
 from __future__ import annotations
@@ -40,15 +41,18 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("mode", ["uniform", "adaptive", "mixed"])
-def test_reference_kernels_reproduce_the_fake_quant_model(tmp_path, mode, kernel_calls):
-    net, x = build_model(mode)
+def test_reference_kernels_reproduce_the_fake_quant_model(
+    tmp_path, mode, per_channel, kernel_calls
+):
+    net, x = build_model(mode, per_channel=per_channel)
     export(net, tmp_path / "m.safetensors")
     with torch.no_grad():
         want = net(x)
         fast = load(tmp_path / "m.safetensors", model=net)
         ref = load(tmp_path / "m.safetensors", model=net, kernel="reference")
-        assert rel_diff(fast(x), want) <= TOL
+        assert torch.equal(fast(x), want)
         assert rel_diff(ref(x), want) <= TOL
     # 5 layers: 4 convs (Conv1d lowered to conv2d) and one Linear, each through a kernel.
     if mode == "uniform":
@@ -59,10 +63,11 @@ def test_reference_kernels_reproduce_the_fake_quant_model(tmp_path, mode, kernel
         assert kernel_calls == {"int_conv2d": 1, "lut_conv2d": 3, "lut_linear": 1}
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("kernel", ["float", "reference"])
-def test_each_layer_matches_its_fake_quant_layer(tmp_path, kernel):
+def test_each_layer_matches_its_fake_quant_layer(tmp_path, kernel, per_channel):
     """Layer by layer on the same input, so a flip upstream cannot hide an error here."""
-    net, x = build_model("mixed")
+    net, x = build_model("mixed", per_channel=per_channel)
     export(net, tmp_path / "m.safetensors")
     runtime = load(tmp_path / "m.safetensors", model=net, kernel=kernel)
     inputs: dict[str, torch.Tensor] = {}
@@ -78,6 +83,8 @@ def test_each_layer_matches_its_fake_quant_layer(tmp_path, kernel):
             want = layer(inputs[name])
             got = runtime.get_submodule(name)(inputs[name])
             assert rel_diff(got, want) <= 1e-6, name
+            if kernel == "float":
+                assert torch.equal(got, want), name
 
 
 class Paddings(nn.Module):
@@ -97,12 +104,13 @@ class Paddings(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("mode", ["uniform", "adaptive"])
-def test_padding_modes_in_both_kernels(tmp_path, mode):
+def test_padding_modes_in_both_kernels(tmp_path, mode, per_channel):
     torch.manual_seed(0)
     x = torch.randn(3, 2, 6, 5)
     cfg = ddq.DDQConfig(
-        weight=ddq.QuantizerConfig(mode=mode, bits=4),
+        weight=ddq.QuantizerConfig(mode=mode, bits=4, per_channel=per_channel),
         activation=ddq.QuantizerConfig(mode=mode, bits=5, signed=None),
         first_last_bits="learn",
     )
@@ -117,8 +125,9 @@ def test_padding_modes_in_both_kernels(tmp_path, mode):
             assert rel_diff(got, want) <= TOL, kernel
 
 
-def test_runtime_state_is_the_packed_artifact(tmp_path):
-    net, _ = build_model("uniform")
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_runtime_state_is_the_packed_artifact(tmp_path, per_channel):
+    net, _ = build_model("uniform", per_channel=per_channel)
     export(net, tmp_path / "m.safetensors")
     runtime = load(tmp_path / "m.safetensors", model=net)
     layers = [
@@ -131,6 +140,12 @@ def test_runtime_state_is_the_packed_artifact(tmp_path):
     assert state["pw.weight_idx"].dtype == torch.uint8
     assert state["pw.weight_idx"].numel() == 16 * 8 * 2 // 8  # 2-bit pointwise conv
     assert runtime.pw.weight.shape == (16, 8, 1, 1)  # decoded copy for the float kernel
+    if per_channel:  # one float32 scale per output channel, nothing more
+        assert state["pw.weight_scale"].shape == (16,)
+        assert torch.equal(state["pw.weight_scale"], net.pw.weight_quantizer.channel_scales())
+        assert "per-channel" in repr(runtime.pw)
+    else:
+        assert "pw.weight_scale" not in state
 
 
 def test_set_kernel_switches_and_validates(tmp_path):

@@ -154,6 +154,7 @@ def test_int_linear_defaults_and_scalar_params() -> None:
     k=st.integers(1, 40),
     bits=st.integers(1, 8),
     per_channel=st.booleans(),
+    channel_scale=st.booleans(),
     chunk=st.sampled_from([1, 7, 64, 1 << 22]),
     epilogue=st.booleans(),
 )
@@ -164,6 +165,7 @@ def test_lut_linear_matches_float_reference(
     k: int,
     bits: int,
     per_channel: bool,
+    channel_scale: bool,
     chunk: int,
     epilogue: bool,
 ) -> None:
@@ -177,10 +179,16 @@ def test_lut_linear_matches_float_reference(
     else:
         table = torch.randn(levels, generator=gen, dtype=torch.float64)
         w = table[w_idx.long()]
+    # DDQ's per-channel weights: a shared normalised table times one scale per channel.
+    scale = torch.rand(o, generator=gen, dtype=torch.float64) + 0.1 if channel_scale else None
+    if scale is not None:
+        w = w * scale.view(-1, 1)
     bias = torch.randn(o, generator=gen, dtype=torch.float64)
     mult = torch.randn(o, generator=gen, dtype=torch.float64) if epilogue else None
     add = torch.randn(o, generator=gen, dtype=torch.float64) if epilogue else None
-    y = lut_linear(x, w_idx, table, bias, mult=mult, add=add, max_chunk_elements=chunk)
+    y = lut_linear(
+        x, w_idx, table, bias, w_scale=scale, mult=mult, add=add, max_chunk_elements=chunk
+    )
     ref = F.linear(x, w, bias)
     if epilogue:
         ref = ref * mult + add
@@ -291,10 +299,11 @@ def test_int_conv2d_matches_conv2d(
     g=conv_geometry(),
     bits=st.integers(1, 8),
     per_channel=st.booleans(),
+    channel_scale=st.booleans(),
     chunk=st.sampled_from([5, 100, 1 << 22]),
 )
 def test_lut_conv2d_matches_conv2d(
-    seed: int, g: dict, bits: int, per_channel: bool, chunk: int
+    seed: int, g: dict, bits: int, per_channel: bool, channel_scale: bool, chunk: int
 ) -> None:
     gen = _gen(seed)
     x = torch.randn((g["n"], g["c"], g["h"], g["w"]), generator=gen, dtype=torch.float64)
@@ -306,6 +315,9 @@ def test_lut_conv2d_matches_conv2d(
     else:
         table = torch.randn(levels, generator=gen, dtype=torch.float64)
         w = table[w_idx.long()]
+    scale = torch.rand(g["o"], generator=gen, dtype=torch.float64) + 0.1 if channel_scale else None
+    if scale is not None:
+        w = w * scale.view(-1, 1, 1, 1)
     bias = torch.randn(g["o"], generator=gen, dtype=torch.float64)
     mult = torch.randn(g["o"], generator=gen, dtype=torch.float64)
     y = lut_conv2d(
@@ -317,6 +329,7 @@ def test_lut_conv2d_matches_conv2d(
         g["padding"],
         g["dilation"],
         g["groups"],
+        w_scale=scale,
         mult=mult,
         add=0.5,
         max_chunk_elements=chunk,
@@ -338,6 +351,28 @@ def test_depthwise_float32_realistic_shape() -> None:
     x_idx = _randidx((2, 32, 14, 14), 8, gen)
     y = int_conv2d(x_idx, 0.02, 0, w_idx, 0.1, 8, stride=2, padding=1, groups=32)
     ref = F.conv2d(0.02 * x_idx.double(), 0.1 * (w_idx.double() - 8), None, 2, 1, 1, 32)
+    torch.testing.assert_close(y, ref.float())
+
+
+def test_per_channel_weights_float32_depthwise_and_pointwise() -> None:
+    """DDQ's per-channel layout in float32: one normalised table (or integer grid) per layer
+    times one scale per output channel, through both kernel families."""
+    gen = _gen(4)
+    x = torch.randn(2, 16, 9, 9, generator=gen)
+    scale = torch.rand(16, generator=gen) + 0.05
+    w_idx = _randidx((16, 1, 3, 3), 3, gen)
+    table = torch.sort(torch.randn(8, generator=gen)).values
+    w = table[w_idx.long()] * scale.view(-1, 1, 1, 1)  # what the quantizer produces
+    y = lut_conv2d(x, w_idx, table, stride=2, padding=1, groups=16, w_scale=scale)
+    torch.testing.assert_close(y, F.conv2d(x, w, stride=2, padding=1, groups=16))
+    # Uniform per-channel: normalised grid step * (j - Z), integer step = step * scale[c].
+    step, zero = 2.0**5, 4
+    x_idx = _randidx((2, 16, 9, 9), 6, gen)
+    pw_idx = _randidx((8, 16, 1, 1), 3, gen)
+    pw_scale = torch.rand(8, generator=gen) + 0.05
+    y = int_conv2d(x_idx, 0.03, 32, pw_idx, step * pw_scale.double(), zero)
+    w = (step * (pw_idx.float() - zero)) * pw_scale.view(-1, 1, 1, 1)
+    ref = F.conv2d(0.03 * (x_idx.double() - 32), w.double())
     torch.testing.assert_close(y, ref.float())
 
 
@@ -391,6 +426,10 @@ def test_linear_validation() -> None:
         lut_linear(torch.zeros(2, 3), w_idx, table)
     with pytest.raises(ValueError, match="max_chunk_elements"):
         lut_linear(x, w_idx, table, max_chunk_elements=0)
+    with pytest.raises(ValueError, match=r"w_scale.*3 elements"):
+        lut_linear(x, w_idx, table, w_scale=torch.ones(4))
+    with pytest.raises(ValueError, match="w_scale must be finite"):
+        lut_linear(x, w_idx, table, w_scale=torch.tensor([1.0, float("nan"), 1.0]))
 
 
 def test_conv_validation() -> None:
@@ -414,5 +453,7 @@ def test_conv_validation() -> None:
         lut_conv2d(x, w_idx, table, dilation=3, groups=2)
     with pytest.raises(ValueError, match="groups"):
         lut_conv2d(x, w_idx, table, groups=0)
+    with pytest.raises(ValueError, match=r"w_scale.*6 elements"):
+        lut_conv2d(x, w_idx, table, groups=2, w_scale=torch.ones(2))
     with pytest.raises(ValueError, match="integer dtype"):
         int_conv2d(x, 1.0, 0, w_idx, 1.0, 0, groups=2)

@@ -1,12 +1,13 @@
 """Deployment: packed low-bit artifacts, their runtime, reference kernels, ONNX export.
 
 - :func:`export` writes a prepared, calibrated model as one safetensors artifact (``b``-bit
-  packed weight indices, tables, float parts, a JSON manifest; see
-  :mod:`ddq.deploy.manifest` for the format).
+  packed weight indices, tables, one scale per output channel for per-channel weights,
+  float parts, a JSON manifest; see :mod:`ddq.deploy.manifest` for the format).
 - :func:`load` rebuilds an executable model from it (no training-time modules, nothing
   unpickled), with decoded float weights or the reference integer/LUT kernels.
-- :func:`export_onnx` writes standard-op ONNX (QDQ for uniform mode, index + ``Gather``
-  for adaptive mode) for ONNX Runtime.
+- :func:`export_onnx` writes standard-op ONNX (QDQ for uniform mode, per-channel on axis 0
+  for per-channel weights; index + ``Gather``, times the channel scales, for adaptive
+  mode) for ONNX Runtime.
 
 Example:
     >>> import ddq

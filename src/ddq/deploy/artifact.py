@@ -1,7 +1,8 @@
 """Freeze a prepared DDQ model into a packed low-bit artifact, and read one back safely.
 
-``export`` turns every quantized layer into a ``b``-bit packed index tensor plus its tables,
-every BatchNorm into a per-channel scale and bias, and keeps everything else as float
+``export`` turns every quantized layer into a ``b``-bit packed index tensor plus its tables
+(and, for a per-channel weight, one float32 scale per output channel), every BatchNorm
+into a per-channel scale and bias, and keeps everything else as float
 tensors, all in one safetensors file with a JSON manifest (format: ``ddq.deploy.manifest``).
 ``read_artifact`` is the only reader: it parses the safetensors header itself, never
 unpickles anything, and checks the manifest digest, the format version, every tensor's
@@ -44,6 +45,7 @@ __all__ = [
     "ArtifactInfo",
     "activation_thresholds",
     "batchnorm_affine",
+    "decode_weight",
     "export",
     "freeze",
     "read_artifact",
@@ -66,7 +68,8 @@ class ArtifactInfo:
         fp32_bytes: the model's float32 size (4 bytes per floating-point element of its
             state dict, DDQ quantizer state excluded).
         artifact_bytes: the file's size.
-        theoretical_bytes: ``sum(n * b / 8)`` over quantized weights + tables + float parts.
+        theoretical_bytes: ``sum(n * b / 8)`` over quantized weights + tables (levels,
+            per-channel weight scales, thresholds, biases) + float parts.
         quantized_params: number of quantized weight elements.
         avg_weight_bits: ``sum(n * b) / sum(n)`` over the quantized weights.
     """
@@ -187,9 +190,11 @@ def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor,
 
 
 def _quant_spec(q: DDQQuantizer, table: torch.Tensor) -> QuantSpec:
-    signed = bool(q.signed)
+    signed, per_channel = bool(q.signed), q.channels is not None
     if q.mode != "uniform":
-        return QuantSpec("adaptive", q.bits, signed)
+        return QuantSpec("adaptive", q.bits, signed, per_channel=per_channel)
+    # Per-channel: the step of the normalised grid (a power of two); the channel's integer
+    # step is that times its channel scale.
     scale, zero_point = q.uniform_params()
     scale = float(np.float32(scale))  # a float32 step times a power of two: exact
     grid = scale * (torch.arange(table.numel(), dtype=torch.float64) - zero_point)
@@ -197,7 +202,55 @@ def _quant_spec(q: DDQQuantizer, table: torch.Tensor) -> QuantSpec:
     # same numbers, or an integer runtime would compute a different model.
     if not torch.allclose(table.double(), grid, rtol=1e-5, atol=1e-5 * scale):
         raise RuntimeError(f"{q._label()}: uniform levels are not scale * (j - zero_point)")
-    return QuantSpec("uniform", q.bits, signed, scale, zero_point)
+    return QuantSpec("uniform", q.bits, signed, scale, zero_point, per_channel)
+
+
+def decode_weight(
+    table: torch.Tensor, idx: torch.Tensor, channel_scales: torch.Tensor | None
+) -> torch.Tensor:
+    """The weight an artifact describes: ``table[idx]``, times ``channel_scales[c]`` on axis 0.
+
+    One float32 multiply per element, as in the trained quantizer, so the result is the
+    fake-quantized weight bit for bit.
+
+    Example:
+        >>> decode_weight(torch.tensor([-1.0, 1.0]), torch.tensor([[0, 1], [1, 1]]),
+        ...               torch.tensor([0.5, 2.0]))
+        tensor([[-0.5000,  0.5000],
+                [ 2.0000,  2.0000]])
+    """
+    w = table[idx.long()]
+    if channel_scales is None:
+        return w
+    return w * channel_scales.view(-1, *([1] * (idx.dim() - 1)))
+
+
+def _weight_indices(
+    name: str,
+    q: DDQQuantizer,
+    weight: torch.Tensor,
+    values: torch.Tensor,
+    table: torch.Tensor,
+    scales: torch.Tensor | None,
+) -> torch.Tensor:
+    """The level index of every weight element, checked to decode to ``values`` exactly."""
+    idx = q.indices(weight)
+    if not torch.equal(decode_weight(table, idx, scales), values):
+        # Ties between equal levels, or a rounding the index search saw differently: look
+        # the exact quantized values up among the exact decoded levels instead.
+        n = table.numel()
+        if scales is None:
+            idx = torch.searchsorted(table, values.reshape(-1)).clamp_(max=n - 1)
+        else:
+            rows = table[None, :] * scales[:, None]  # (C, L): every channel's exact levels
+            idx = torch.searchsorted(rows, values.reshape(scales.numel(), -1)).clamp_(max=n - 1)
+        idx = idx.view(weight.shape)
+        if not torch.equal(decode_weight(table, idx, scales), values):
+            kind = (
+                "table levels times their channel scale" if scales is not None else "table levels"
+            )
+            raise RuntimeError(f"layer {name!r}: quantized weights are not all {kind}")
+    return idx
 
 
 def _check_quantizer(q: DDQQuantizer | None, what: str) -> None:
@@ -242,13 +295,22 @@ def _freeze_layer(
     weight: torch.Tensor = layer.weight.detach()
     if weight.dtype != torch.float32:
         raise ValueError(f"layer {name!r}: export supports float32 models, got {weight.dtype}")
+    # The forward first: a weight quantizer re-fits itself when its bitwidth moved, and
+    # the table and scales must be the ones that produced these values.
+    values = wq(weight)
     table = wq.levels().to(torch.float32)
-    values = wq(weight).reshape(-1)
-    idx = torch.searchsorted(table, values).clamp_(max=table.numel() - 1)
-    if not torch.equal(table[idx], values):
-        raise RuntimeError(f"layer {name!r}: quantized weights are not all table levels")
+    scales = wq.channel_scales()
+    if scales is not None and (
+        scales.shape != (weight.shape[0],)
+        or not bool((torch.isfinite(scales) & (scales > 0)).all())
+    ):
+        raise RuntimeError(
+            f"layer {name!r}: weight quantizer's channel scales are not {weight.shape[0]} "
+            "finite positive numbers"
+        )
+    idx = _weight_indices(name, wq, weight, values, table, scales)
     tensors[index_key(name)] = pack_bits(idx, wq.bits)
-    parts = [table]
+    parts = [table] if scales is None else [table, scales.to(torch.float32)]
     input_spec = None
     if iq is not None:
         thresholds, in_table = activation_thresholds(iq)
@@ -347,8 +409,9 @@ def freeze(
             tensors[TABLES_KEY] = torch.cat(table_parts)
         if affine_parts:
             tensors[BATCHNORM_KEY] = torch.cat(affine_parts, dim=1)
-        # The theoretical size: b bits per weight, 4 bytes per table entry, BatchNorm
-        # scale and bias, and every float tensor at its own width.
+        # The theoretical size: b bits per weight, 4 bytes per table entry (levels,
+        # per-channel weight scales, thresholds, biases), BatchNorm scale and bias, and
+        # every float tensor at its own width.
         theory = weight_bits / 8 + 4 * n_tables + 8 * n_channels
         sd = model.state_dict()
         # What the float model weighs at 4 bytes per floating-point state-dict element.

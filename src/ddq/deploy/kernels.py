@@ -18,12 +18,17 @@ Two weight representations come out of DDQ training:
   per-output-channel epilogue ``out = acc * mult + add`` (a BatchNorm folded after the layer)
   are applied once per output.
 
-* **adaptive** (look-up table): ``W[o, k] = table[w_idx[o, k]]`` with ``2**b`` learned levels,
-  shared (``table`` of shape ``(L,)``) or per output channel (``(O, L)``). :func:`lut_linear` /
-  :func:`lut_conv2d` first add every activation into the bucket of its weight's index and then
-  do only ``L`` multiplies per output::
+* **adaptive** (look-up table): ``W[o, k] = table[w_idx[o, k]] * w_scale[o]`` with ``2**b``
+  learned levels, shared (``table`` of shape ``(L,)``) or per output channel (``(O, L)``), and
+  an optional per-output-channel scale ``w_scale`` (DDQ's per-channel weights: one normalised
+  table per layer times one scale per channel). :func:`lut_linear` / :func:`lut_conv2d` first
+  add every activation into the bucket of its weight's index, then do only ``L`` multiplies
+  per output, then one multiply by the channel scale, which factors out of the sum::
 
-      y[n, o] = sum_m table[o, m] * (sum_{k : w_idx[o, k] == m} x[n, k])
+      y[n, o] = w_scale[o] * sum_m table[o, m] * (sum_{k : w_idx[o, k] == m} x[n, k])
+
+  Per-channel *uniform* weights need no extra argument: their integer step per channel is
+  the ``(O,)`` ``w_scale`` of :func:`int_linear` / :func:`int_conv2d`.
 
 Conv2d is lowered to the linear kernels with ``torch.nn.functional.unfold`` (im2col), one
 independent GEMM per group (all groups are batched together, so depthwise convs do not loop
@@ -432,22 +437,34 @@ def _check_lut_args(
     return w_idx.to(torch.int64), table.to(dtype)
 
 
+def _channel_scale(y: torch.Tensor, w_scale: Scalar | None, o: int) -> torch.Tensor:
+    """``y * w_scale[o]`` over the last dimension (in ``y``'s dtype), or ``y`` unchanged."""
+    if w_scale is None:
+        return y
+    scale = _float_param(w_scale, o, "w_scale", y.device, 1.0)
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError("w_scale must be finite")
+    return y * scale.to(y.dtype)
+
+
 def lut_linear(
     x: torch.Tensor,
     w_idx: torch.Tensor,
     table: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
+    w_scale: Scalar | None = None,
     mult: Scalar | None = None,
     add: Scalar | None = None,
     max_chunk_elements: int = _DEFAULT_CHUNK,
 ) -> torch.Tensor:
     """Adaptive-mode (look-up table) linear layer with bucketed accumulation.
 
-    With ``W[o, k] = table[o, w_idx[o, k]]`` (or ``table[w_idx[o, k]]`` for a shared table)::
+    With ``W[o, k] = table[o, w_idx[o, k]] * w_scale[o]`` (``table[w_idx[o, k]]`` for a shared
+    table; ``w_scale`` 1 when not given)::
 
         acc[n, o, m] = sum_{k : w_idx[o, k] == m} x[n, k]        (additions only)
-        out[n, o]    = (sum_m table[o, m] * acc[n, o, m] + bias[o]) * mult[o] + add[o]
+        out[n, o]    = (w_scale[o] * sum_m table[o, m] * acc[n, o, m] + bias[o]) * mult[o] + add[o]
 
     Cost model for N rows, O outputs, K inputs and L = 2**b levels: ``N*O*K`` additions into
     the buckets plus ``N*O*L`` multiply-adds, versus ``N*O*K`` multiply-adds for a dense GEMM;
@@ -463,6 +480,8 @@ def lut_linear(
         w_idx: (O, K) integer weight indices in ``[0, L)``.
         table: (L,) shared levels or (O, L) per-output-channel levels (float).
         bias: Optional float (O,) bias, added before the epilogue.
+        w_scale: Optional weight scale, scalar or (O,) (per-channel weights), applied to
+            each output's bucketed sum in the compute dtype, before the bias.
         mult: Optional epilogue multiplier, scalar or (O,).
         add: Optional epilogue addend, scalar or (O,).
         max_chunk_elements: Memory bound for the chunked temporaries (elements).
@@ -478,6 +497,8 @@ def lut_linear(
         >>> w_idx = torch.tensor([[0, 1, 1], [2, 2, 0]])
         >>> lut_linear(x, w_idx, torch.tensor([-1.0, 0.5, 2.0]))  # [-1 + 0.5*5, 2*3 - 3]
         tensor([[1.5000, 3.0000]])
+        >>> lut_linear(x, w_idx, torch.tensor([-1.0, 0.5, 2.0]), w_scale=torch.tensor([2.0, 0.5]))
+        tensor([[3.0000, 1.5000]])
     """
     x = _check_float_tensor(x, "x")
     w_idx = _check_int_tensor(w_idx, "w_idx")
@@ -494,7 +515,7 @@ def lut_linear(
     xg = x.to(table.dtype).reshape(1, math.prod(x.shape[:-1]), k)
     tab = table if table.dim() == 1 else table.unsqueeze(0)
     y = _lut_core(xg, idx.unsqueeze(0), tab, max_chunk_elements)[0]
-    y = _epilogue(y, bias, mult, add, o)
+    y = _epilogue(_channel_scale(y, w_scale, o), bias, mult, add, o)
     return y.reshape(*x.shape[:-1], o)
 
 
@@ -678,11 +699,13 @@ def lut_conv2d(
     dilation: _IntPair = 1,
     groups: int = 1,
     *,
+    w_scale: Scalar | None = None,
     mult: Scalar | None = None,
     add: Scalar | None = None,
     max_chunk_elements: int = _DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """Adaptive-mode conv2d: ``F.conv2d`` with weights ``table[w_idx]``, via im2col buckets.
+    """Adaptive-mode conv2d: ``F.conv2d`` with weights ``table[w_idx]`` (times ``w_scale[o]``
+    for per-channel weights), via im2col buckets.
 
     Each group's im2col matrix goes through the bucketed accumulation of :func:`lut_linear`
     (cost ``N*L_out*O*Kg`` additions + ``N*L_out*O*2**b`` multiply-adds, Kg = C/groups*kH*kW).
@@ -697,6 +720,8 @@ def lut_conv2d(
         padding: Zero padding (int or pair).
         dilation: Dilation (int or pair).
         groups: Number of groups (``groups == C == O`` is depthwise).
+        w_scale: Optional weight scale, scalar or (O,) (per-channel weights), applied to
+            each output's bucketed sum before the bias.
         mult: Optional epilogue multiplier, scalar or (O,).
         add: Optional epilogue addend, scalar or (O,).
         max_chunk_elements: Memory bound for the chunked temporaries (elements).
@@ -725,5 +750,5 @@ def lut_conv2d(
     tab = table if table.dim() == 1 else table.view(g, og, -1)
     y = _lut_core(cols, idx.reshape(g, og, geom.kg), tab, max_chunk_elements)
     y = y.permute(1, 0, 2).reshape(-1, o)  # (N * L, O), channel o = g * Og + j
-    y = _epilogue(y, bias, mult, add, o)
+    y = _epilogue(_channel_scale(y, w_scale, o), bias, mult, add, o)
     return geom.to_nchw(y)

@@ -3,14 +3,16 @@
 A ddq artifact is one safetensors file. Its tensors hold the numbers; the JSON manifest,
 stored in the safetensors metadata under :data:`MANIFEST_KEY`, says what they mean.
 
-Format version 1 (:data:`FORMAT_VERSION`). Tensors (``L`` a quantized layer's module name):
+Format version 2 (:data:`FORMAT_VERSION`; version 1 files, which are per-tensor throughout,
+are still read). Tensors (``L`` a quantized layer's module name):
 
 * ``L.weight.idx`` -- uint8: the weight's ``b``-bit level indices packed at exactly ``b``
   bits per element (:mod:`ddq.deploy.packing`: flat row-major order, little-endian bit
   stream, ``ceil(n * b / 8)`` bytes).
 * ``ddq.tables`` -- float32, 1-D: every quantized layer's small float parts, one slice per
-  layer starting at its ``offset``: the weight's ``2**b_w`` sorted levels; then, when the
-  input is quantized, the input quantizer's ``2**b_a - 1`` sorted thresholds and its
+  layer starting at its ``offset``: the weight's ``2**b_w`` sorted levels; then, for a
+  per-channel weight, its ``out_channels`` channel scales (all finite and > 0); then, when
+  the input is quantized, the input quantizer's ``2**b_a - 1`` sorted thresholds and its
   ``2**b_a`` levels; then the bias (``out_channels`` values) if the layer has one. An input
   ``x`` becomes level ``j`` = the number of thresholds strictly below ``x``.
 * ``ddq.batchnorm`` -- float32 ``(2, sum C)``: every BatchNorm as a per-channel scale
@@ -29,8 +31,9 @@ Manifest (compact JSON)::
      "layers": {L: {"type": "Conv2d", "weight_shape": [...], "bias": false, "offset": 0,
                     "conv": {"groups": 32, ...},          # only non-default conv settings
                     "weight": {"mode": "uniform", "bits": 4, "signed": true,
-                               "scale": 0.0123, "zero_point": 8},  # scale/zp: uniform only
-                    "input": {...same fields...} or null}},
+                               "per_channel": true,               # absent: per tensor
+                               "scale": 16.0, "zero_point": 8},   # scale/zp: uniform only
+                    "input": {...same fields, never per_channel...} or null}},
      "batchnorm": {B: {"channels": C, "offset": 0}},
      "float": [names of the float tensors],
      "checksums": {tensor name: 16 hex digits of BLAKE2b-64 of its raw bytes}}
@@ -40,6 +43,14 @@ either the tensors or the manifest is caught. A uniform quantizer's levels are
 ``scale * (j - zero_point)`` (``scale`` is a float32 value, written with the shortest
 decimal that reads back to it); its table holds the same levels as the exact float32
 numbers the trained model used, so both decoders reproduce the fake-quantized model.
+
+Per-channel weights (``"per_channel": true``): the table holds one *normalised* set of
+levels for the layer and the weight element ``w[c, ...]`` with index ``j`` is
+``table[j] * channel_scales[c]`` (one float32 multiply, exactly what the trained model
+computed). Bits and table stay per layer; only the scale is per output channel (axis 0).
+In uniform mode ``scale`` is the normalised grid's step (a power of two) and the integer
+step of channel ``c`` is ``scale * channel_scales[c]`` (exact), with ``zero_point`` shared
+by every channel: per-channel affine integer quantization on axis 0.
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ __all__ = [
     "FORMAT_VERSION",
     "LAYER_TYPES",
     "MANIFEST_KEY",
+    "READ_VERSIONS",
     "TABLES_KEY",
     "BatchNormSpec",
     "LayerSpec",
@@ -73,7 +85,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "ddq-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this ddq reads: 1 (per-tensor weights only) and 2 (adds per-channel weights).
+READ_VERSIONS = (1, 2)
 MANIFEST_KEY = "ddq.manifest"
 DIGEST_KEY = "ddq.manifest.blake2b"
 TABLES_KEY = "ddq.tables"
@@ -146,6 +160,10 @@ def _short_float32(x: float) -> float:
 class QuantSpec:
     """A frozen quantizer: ``2**bits`` levels; uniform mode adds ``scale``/``zero_point``.
 
+    ``per_channel`` (weights only): the levels are normalised and each output channel has
+    its own scale (stored in ``ddq.tables``); in uniform mode ``scale`` is then the
+    normalised step and channel ``c``'s integer step is ``scale * channel_scales[c]``.
+
     Example:
         >>> QuantSpec("uniform", 4, True, 0.1, 8).levels
         16
@@ -156,6 +174,7 @@ class QuantSpec:
     signed: bool
     scale: float | None = None
     zero_point: int | None = None
+    per_channel: bool = False
 
     @property
     def levels(self) -> int:
@@ -164,6 +183,8 @@ class QuantSpec:
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"mode": self.mode, "bits": self.bits, "signed": self.signed}
+        if self.per_channel:
+            d["per_channel"] = True
         if self.mode == "uniform":
             assert self.scale is not None
             d["scale"], d["zero_point"] = _short_float32(self.scale), self.zero_point
@@ -178,15 +199,18 @@ class QuantSpec:
         if not 1 <= bits <= 8:
             raise _fail(source, f"manifest {where}.bits is {bits}, expected 1..8")
         signed = _get(d, "signed", bool, source, where)
+        per_channel = False
+        if "per_channel" in d:
+            per_channel = _get(d, "per_channel", bool, source, where)
         if mode == "adaptive":
-            return cls(mode, bits, signed)
+            return cls(mode, bits, signed, per_channel=per_channel)
         scale = float(np.float32(_get(d, "scale", (int, float), source, where)))
         zero_point = _get(d, "zero_point", int, source, where)
         if not (math.isfinite(scale) and scale > 0):
             raise _fail(source, f"manifest {where}.scale must be finite and > 0, got {scale}")
         if not 0 <= zero_point < 2**bits:
             raise _fail(source, f"manifest {where}.zero_point {zero_point} is not in 0..2**bits-1")
-        return cls(mode, bits, signed, scale, zero_point)
+        return cls(mode, bits, signed, scale, zero_point, per_channel)
 
 
 @dataclass(frozen=True)
@@ -212,20 +236,26 @@ class LayerSpec:
         return math.prod(self.weight_shape)
 
     @property
+    def channels(self) -> int:
+        """Number of output channels (axis 0 of the weight)."""
+        return self.weight_shape[0]
+
+    @property
     def tables_len(self) -> int:
         """Length of the layer's slice of ``ddq.tables``."""
-        n = self.weight.levels
+        n = self.weight.levels + (self.channels if self.weight.per_channel else 0)
         if self.input is not None:
             n += 2 * self.input.levels - 1
         return n + (self.weight_shape[0] if self.bias else 0)
 
     def split_tables(self, tables: torch.Tensor) -> dict[str, torch.Tensor]:
         """This layer's parts of ``ddq.tables``: ``weight_table`` and, where present,
-        ``thresholds``, ``input_table``, ``bias`` (views)."""
+        ``channel_scales``, ``thresholds``, ``input_table``, ``bias`` (views)."""
         parts = {}
         at = self.offset
         for name, n, present in (
             ("weight_table", self.weight.levels, True),
+            ("channel_scales", self.channels, self.weight.per_channel),
             ("thresholds", self.input.levels - 1 if self.input else 0, self.input is not None),
             ("input_table", self.input.levels if self.input else 0, self.input is not None),
             ("bias", self.weight_shape[0], self.bias),
@@ -268,14 +298,17 @@ class LayerSpec:
                 raise _fail(source, f"manifest {where}.conv has unknown settings {unknown}")
             conv.update(given)
         raw_input = d.get("input")
+        input_spec = (
+            None if raw_input is None else QuantSpec.from_dict(raw_input, source, f"{where}.input")
+        )
+        if input_spec is not None and input_spec.per_channel:
+            raise _fail(source, f"manifest {where}.input: activations are never per_channel")
         return cls(
             type=kind,
             weight_shape=tuple(shape),
             bias=_get(d, "bias", bool, source, where),
             weight=QuantSpec.from_dict(d.get("weight"), source, f"{where}.weight"),
-            input=None
-            if raw_input is None
-            else QuantSpec.from_dict(raw_input, source, f"{where}.input"),
+            input=input_spec,
             offset=_count(d, "offset", source, where, 0),
             conv=conv,
         )
@@ -358,11 +391,12 @@ class Manifest:
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise _fail(source, f"not a ddq artifact (manifest format is not {FORMAT_NAME!r})")
         version = d.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version not in READ_VERSIONS:
             raise _fail(
                 source,
-                f"unknown artifact format version {version!r}; this ddq reads version "
-                f"{FORMAT_VERSION} (re-export the model with this ddq, or upgrade ddq)",
+                f"unknown artifact format version {version!r}; this ddq reads versions "
+                f"{', '.join(map(str, READ_VERSIONS))} (re-export the model with this ddq, "
+                "or upgrade ddq)",
             )
         arch = d.get("architecture")
         if arch is not None and (
@@ -377,10 +411,19 @@ class Manifest:
         checksums = _get(d, "checksums", dict, source, "root")
         if not all(isinstance(v, str) for v in [*floats, *checksums.values()]):
             raise _fail(source, "manifest float names and checksums must be strings")
+        specs = {n: LayerSpec.from_dict(s, source, f"layers[{n!r}]") for n, s in layers.items()}
+        if version < 2:
+            per_channel = [n for n, s in specs.items() if s.weight.per_channel]
+            if per_channel:
+                raise _fail(
+                    source,
+                    f"manifest format version {version} has no per-channel weights, but "
+                    f"layers {per_channel[:5]} say per_channel",
+                )
         return cls(
             architecture=arch,
             conventions=_get(d, "conventions", dict, source, "root"),
-            layers={n: LayerSpec.from_dict(s, source, f"layers[{n!r}]") for n, s in layers.items()},
+            layers=specs,
             batchnorm={
                 n: BatchNormSpec(
                     _count(b, "channels", source, f"batchnorm[{n!r}]", 1),
@@ -457,3 +500,12 @@ class Manifest:
                     f"checksum mismatch for tensor {name!r}: the file is corrupted "
                     "(its bytes changed after export)",
                 )
+        for name, spec in self.layers.items():
+            if spec.weight.per_channel:
+                scales = spec.split_tables(tensors[TABLES_KEY])["channel_scales"]
+                if not bool((torch.isfinite(scales) & (scales > 0)).all()):
+                    raise _fail(
+                        source,
+                        f"manifest and tensors disagree: layer {name!r} has channel scales "
+                        "that are not all finite and > 0",
+                    )

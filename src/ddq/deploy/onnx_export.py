@@ -3,9 +3,11 @@
 Per quantizer mode (opset 20 by default, 18..23; nothing outside the default ONNX domain):
 
 * **uniform** weights: an int8 (signed) or uint8 initializer holding the ``b``-bit codes,
-  then ``DequantizeLinear``. When a BatchNorm follows the conv, its per-channel scale is
-  folded into the (then per-channel, ``axis=0``) dequantization scale and its bias into
-  the conv bias: the integer weights stay exactly the ``b``-bit grid.
+  then ``DequantizeLinear``: per tensor, or per channel (``axis=0``, a ``(C,)`` scale
+  vector and a ``(C,)`` zero point, all equal) for per-channel weights. When a BatchNorm
+  follows the conv, its per-channel scale is folded into the (then per-channel,
+  ``axis=0``) dequantization scale and its bias into the conv bias: the integer weights
+  stay exactly the ``b``-bit grid.
 * **uniform** activations: ``QuantizeLinear`` to uint8 (zero point ``2**(b-1)`` for a
   signed grid), a ``Clip`` on the integer codes to the ``b``-bit range (for ``b < 8``),
   ``DequantizeLinear``. ONNX Runtime fuses
@@ -14,7 +16,9 @@ Per quantizer mode (opset 20 by default, 18..23; nothing outside the default ONN
   the integer codes (exact: quantization is monotone, so it commutes with clamping), which
   lets the fusion happen for ReLU6 networks too.
 * **adaptive** weights: a uint8 initializer of level indices, ``Cast`` to int64,
-  ``Gather`` on the ``2**b`` table.
+  ``Gather`` on the ``2**b`` table; per-channel weights then ``Mul`` by their channel
+  scales, shaped ``(C, 1, ...)`` to broadcast over axis 0 (the same float32 multiply as
+  in training, so the weights are exact).
 * **adaptive** activations: a binary search over the ``2**b - 1`` thresholds in ``b``
   steps of ``Gather``/``Greater``/``Where`` (O(N b) work, never N x 2**b), then
   ``Gather`` on the table.
@@ -82,6 +86,19 @@ def _(q, scale, zero_point):
     return torch.empty(q.shape, dtype=torch.float32, device=q.device)
 
 
+@torch.library.custom_op("ddq_onnx::dequantize_per_channel", mutates_args=())
+def _dequantize_per_channel(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+) -> torch.Tensor:
+    shape = (-1,) + (1,) * (q.dim() - 1)  # axis 0
+    return (q.float() - zero_point.float().view(shape)) * scale.view(shape)
+
+
+@_dequantize_per_channel.register_fake
+def _(q, scale, zero_point):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
 @torch.library.custom_op("ddq_onnx::gather_levels", mutates_args=())
 def _gather_levels(codes: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return table[codes.long()]
@@ -125,6 +142,9 @@ def _translations(opset_version: int) -> dict[Any, Any]:
         dtype = np.int8 if q.dtype == ir.DataType.INT8 else np.uint8
         return op.DequantizeLinear(q, const(scale, np.float32), const(zero_point, dtype))
 
+    def dequantize_per_channel(q, scale, zero_point):
+        return op.DequantizeLinear(q, scale, zero_point, axis=0)
+
     def gather_levels(codes, table):
         return op.Gather(table, op.Cast(codes, to=ir.DataType.INT64))
 
@@ -143,6 +163,7 @@ def _translations(opset_version: int) -> dict[Any, Any]:
     return {
         torch.ops.ddq_onnx.qdq.default: qdq,
         torch.ops.ddq_onnx.dequantize.default: dequantize,
+        torch.ops.ddq_onnx.dequantize_per_channel.default: dequantize_per_channel,
         torch.ops.ddq_onnx.gather_levels.default: gather_levels,
         torch.ops.ddq_onnx.threshold_quantize.default: threshold_quantize,
     }
@@ -197,15 +218,27 @@ class _OnnxLayer(nn.Module):
             )
         codes = layer.weight_codes()
         w = self.spec.weight
+        channels = self.spec.weight_shape[0]
+        axis0 = (channels,) + (1,) * (len(self.spec.weight_shape) - 1)
+        self.w_scale: torch.Tensor | None
         if w.mode == "uniform":
             zero, lo, _ = _container(w, signed=w.signed)
-            self.register_buffer(
-                "codes", (codes.to(torch.int16) + lo).to(torch.int8 if w.signed else torch.uint8)
-            )
+            container = torch.int8 if w.signed else torch.uint8
+            self.register_buffer("codes", (codes.to(torch.int16) + lo).to(container))
             self.w_zero = zero
+            if w.per_channel:
+                assert layer.weight_scale is not None and w.scale is not None
+                # The channel's integer step: a power of two times float32, exact.
+                step = (layer.weight_scale.double() * w.scale).float()
+                self.register_buffer("w_scale", step)
+                self.register_buffer("w_zero_point", torch.full((channels,), zero, dtype=container))
+            else:
+                self.register_buffer("w_scale", None)
         else:
             self.register_buffer("codes", codes.clone())
             self.register_buffer("table", layer.weight_table.clone())
+            scale = layer.weight_scale
+            self.register_buffer("w_scale", None if scale is None else scale.reshape(axis0).clone())
         bias = layer.bias
         if bias is None and self.is_conv:
             # A bias-less conv exports with a zero bias computed at run time (Shape, Expand),
@@ -219,10 +252,16 @@ class _OnnxLayer(nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.spec.weight
-        if w.mode == "uniform":
+        if w.mode == "uniform" and self.w_scale is not None:
+            weight = torch.ops.ddq_onnx.dequantize_per_channel(
+                self.codes, self.w_scale, self.w_zero_point
+            )
+        elif w.mode == "uniform":
             weight = torch.ops.ddq_onnx.dequantize(self.codes, w.scale, self.w_zero)
         else:
             weight = torch.ops.ddq_onnx.gather_levels(self.codes, self.table)
+            if self.w_scale is not None:
+                weight = weight * self.w_scale
         if not self.is_conv:
             return F.linear(x, weight, self.bias)
         fn = F.conv1d if self.dims == 1 else F.conv2d
@@ -333,7 +372,10 @@ def _per_channel(c: np.ndarray | None, channels: int) -> np.ndarray | None:
 
 
 def _fold_batchnorm(g: _Graph) -> int:
-    """``Conv(DQ(w)) -> Mul(c) -> Add(d)`` becomes ``Conv(DQ_per_channel(w, s c), b c + d)``."""
+    """``Conv(DQ(w)) -> Mul(c) -> Add(d)`` becomes ``Conv(DQ_per_channel(w, s c), b c + d)``.
+
+    ``s`` is the weight's per-tensor scale or its per-channel (``axis=0``) scale vector.
+    """
     folded = 0
     for conv in list(g.graph):
         if conv.op_type != "Conv" or len(conv.inputs) < 2:
@@ -343,9 +385,13 @@ def _fold_batchnorm(g: _Graph) -> int:
             continue
         scale, zero = g.const(dq.inputs[1]), g.const(dq.inputs[2] if len(dq.inputs) > 2 else None)
         codes = g.const(dq.inputs[0])
-        if scale is None or zero is None or codes is None or scale.size != 1:
+        if scale is None or zero is None or codes is None:
             continue
         channels = codes.shape[0]
+        axis = dq.attributes.get("axis")
+        per_axis0 = axis is not None and axis.value in (0, -codes.ndim)
+        if not (scale.size == 1 or (per_axis0 and scale.size == channels == zero.size)):
+            continue
         mul = g.only_consumer(conv.outputs[0], "Mul")
         add = g.only_consumer(mul.outputs[0], "Add") if mul is not None else None
         if add is None:
@@ -359,11 +405,10 @@ def _fold_batchnorm(g: _Graph) -> int:
             g.const(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
         )
         new_bias = (d if bias is None else bias * c + d).astype(np.float32)
-        new_scale = (scale.reshape(1).astype(np.float64) * c).astype(np.float32)
+        new_scale = (scale.reshape(-1).astype(np.float64) * c).astype(np.float32)
         dq.replace_input_with(1, g.initializer(new_scale, "w_scale"))
-        dq.replace_input_with(
-            2, g.initializer(np.full(channels, zero.item(), zero.dtype), "w_zero")
-        )
+        new_zero = np.broadcast_to(zero.reshape(-1), (channels,)).astype(zero.dtype)
+        dq.replace_input_with(2, g.initializer(new_zero, "w_zero"))
         dq.attributes["axis"] = g.ir.AttrInt64("axis", 0)
         conv.resize_inputs(3)
         conv.replace_input_with(2, g.initializer(new_bias, "bias"))

@@ -4,7 +4,8 @@
 instance you pass), checks that it matches the artifact, and swaps in these modules:
 
 * :class:`PackedLinear`, :class:`PackedConv1d`, :class:`PackedConv2d`: hold the packed
-  ``b``-bit weight indices and the level table (plus scale/zero point in uniform mode),
+  ``b``-bit weight indices and the level table (plus scale/zero point in uniform mode, and
+  one scale per output channel for a per-channel weight: ``w[c] = table[idx] * scale[c]``),
   and an optional :class:`FrozenActivationQuantizer` for their input.
 * :class:`FrozenActivationQuantizer`: ``2**b - 1`` thresholds and ``2**b`` levels.
 * :class:`ChannelAffine`: a BatchNorm as a per-channel scale and bias.
@@ -13,14 +14,17 @@ No ``DDQQuantizer`` (nor any other training-time module) is left in the result.
 
 Two kernels (``load(..., kernel=...)`` or :func:`set_kernel`):
 
-* ``"float"`` (default, fast): weights decoded once to float32 (``table[idx]``), then the
-  ordinary ``F.conv*d``/``F.linear``. It reproduces the fake-quantized model's outputs bit
-  for bit (same tensors through the same PyTorch ops).
-* ``"reference"``: the low-precision matrix products of DDQ.md §3 from
-  :mod:`ddq.deploy.kernels`: an integer GEMM on the indices with zero-point corrections
-  when weight and input are both uniform, else the table-lookup accumulation (adds on the
-  indices, then ``2**b`` multiplies per output). Slow, exact in float64; it shows what an
-  integer or LUT accelerator computes.
+* ``"float"`` (default, fast): weights decoded once to float32 (``table[idx]``, times the
+  channel scale for a per-channel weight), then the ordinary ``F.conv*d``/``F.linear``. It
+  reproduces the fake-quantized model's outputs bit for bit (same tensors through the same
+  PyTorch ops).
+* ``"reference"``: the low-precision matrix products of the method's deployment
+  (``docs/method.md``, "Deployment") from :mod:`ddq.deploy.kernels`: an integer GEMM on
+  the indices with zero-point corrections when weight and input are both uniform (a
+  per-channel weight gives a per-output-channel integer step), else the table-lookup
+  accumulation (adds on the indices, then ``2**b`` multiplies per output, then one multiply
+  by the channel scale, which factors out of the sum). Slow, exact in float64 for the
+  integer GEMM; it shows what an integer or LUT accelerator computes.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantizer import DDQQuantizer
-from .artifact import _conv_params, read_artifact
+from .artifact import _conv_params, decode_weight, read_artifact
 from .kernels import int_conv2d, int_linear, lut_conv2d, lut_linear
 from .manifest import BATCHNORM_KEY, TABLES_KEY, LayerSpec, Manifest, QuantSpec, index_key
 from .packing import unpack_bits
@@ -126,6 +130,8 @@ class _PackedLayer(nn.Module):
         parts = {k: v.clone() for k, v in spec.split_tables(tensors[TABLES_KEY]).items()}
         self.register_buffer("weight_idx", tensors[index_key(name)].clone())
         self.register_buffer("weight_table", parts["weight_table"])
+        # Per-channel weights: one scale per output channel (None: per tensor).
+        self.register_buffer("weight_scale", parts.get("channel_scales"))
         self.register_buffer("bias", parts.get("bias"))
         self.input_quantizer: FrozenActivationQuantizer | None = None
         if spec.input is not None:
@@ -134,7 +140,9 @@ class _PackedLayer(nn.Module):
             )
         self.kernel = "float"
         self.register_buffer(
-            "weight", self.weight_table[self.weight_codes().long()], persistent=False
+            "weight",
+            decode_weight(self.weight_table, self.weight_codes(), self.weight_scale),
+            persistent=False,
         )
         self._codes: torch.Tensor | None = None
 
@@ -151,6 +159,14 @@ class _PackedLayer(nn.Module):
         # The reference kernels work on the codes; unpack once, not per call.
         self._codes = self.weight_codes() if kernel == "reference" else None
 
+    def _integer_weight_step(self) -> float | torch.Tensor:
+        """Uniform weights: the integer step, per tensor or per output channel (float64)."""
+        w = self.spec.weight
+        assert w.scale is not None
+        if self.weight_scale is None:
+            return w.scale
+        return self.weight_scale.double() * w.scale  # a power of two times float32: exact
+
     def _integer_path(self) -> bool:
         iq = self.input_quantizer
         return self.spec.weight.mode == "uniform" and iq is not None and iq.spec.mode == "uniform"
@@ -162,8 +178,9 @@ class _PackedLayer(nn.Module):
         w = self.spec.weight
         a = self.spec.input
         act = "float" if a is None else f"{a.mode} {a.bits}-bit"
+        per = " per-channel" if w.per_channel else ""
         return (
-            f"weight={list(self.spec.weight_shape)} {w.mode} {w.bits}-bit, input={act}, "
+            f"weight={list(self.spec.weight_shape)} {w.mode}{per} {w.bits}-bit, input={act}, "
             f"kernel={self.kernel}"
         )
 
@@ -179,10 +196,13 @@ class PackedLinear(_PackedLayer):
         if self._integer_path():
             a = self.input_quantizer.spec  # type: ignore[union-attr]
             codes = self.input_quantizer.indices(x)  # type: ignore[union-attr]
+            step = self._integer_weight_step()
             return int_linear(
-                codes, a.scale, a.zero_point, self._codes, w.scale, w.zero_point, self.bias
+                codes, a.scale, a.zero_point, self._codes, step, w.zero_point, self.bias
             )
-        return lut_linear(self._input(x), self._codes, self.weight_table, self.bias)
+        return lut_linear(
+            self._input(x), self._codes, self.weight_table, self.bias, w_scale=self.weight_scale
+        )
 
 
 class _PackedConv(_PackedLayer):
@@ -240,13 +260,14 @@ class _PackedConv(_PackedLayer):
         if integer:
             a, w = self.input_quantizer.spec, self.spec.weight  # type: ignore[union-attr]
             y = int_conv2d(
-                src.long(), a.scale, a.zero_point, codes, w.scale, w.zero_point, self.bias,
-                stride, padding, dilation, self.groups,
+                src.long(), a.scale, a.zero_point, codes, self._integer_weight_step(),
+                w.zero_point, self.bias, stride, padding, dilation, self.groups,
             )  # fmt: skip
         else:
             y = lut_conv2d(
-                src, codes, self.weight_table, self.bias, stride, padding, dilation, self.groups
-            )
+                src, codes, self.weight_table, self.bias, stride, padding, dilation, self.groups,
+                w_scale=self.weight_scale,
+            )  # fmt: skip
         return y.squeeze(-2) if self._dims == 1 else y
 
 
