@@ -1,4 +1,4 @@
-"""Report plots (PNG): bits per layer, learned levels over weight histograms, training."""
+"""Report plots (PNG): bits per layer, quantization staircases over weight histograms, training."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..layers import QuantLayer
+from .level_quality import weight_quantizer_snapshot
 
 __all__ = ["plot_bits", "plot_levels", "plot_training"]
 
@@ -47,23 +48,81 @@ def plot_bits(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _pick(items: list[Any], n: int) -> list[Any]:
+    """``n`` items spread evenly from first to last (all of them if there are few)."""
+    if len(items) <= n:
+        return items
+    step = (len(items) - 1) / (n - 1)
+    return [items[round(i * step)] for i in range(n)]
+
+
+@torch.no_grad()
+def _staircase(m: QuantLayer, points: int = 4001) -> tuple[Any, Any, Any, str]:
+    """Normalised weights, and the quantizer's input -> output map sampled over their range.
+
+    Per-channel quantizers map ``w / scale_c`` through one table; the weights are divided by
+    their channel's scale and the staircase is that of the table (measured by running the
+    quantizer itself on inputs laid out along channel 0's scale).
+    """
+    wq = weight_quantizer_snapshot(m)
+    w = m.weight.detach().float()
+    scales = wq.channel_scales()
+    if scales is not None:
+        scales = scales.to(w.device)
+        w = w / scales.view((-1,) + (1,) * (w.dim() - 1))
+    w = w.flatten().cpu()
+    lo, hi = float(w.min()), float(w.max())
+    pad = 0.06 * max(hi - lo, 1e-12)
+    xs = torch.linspace(lo - pad, hi + pad, points)
+    if scales is None:
+        ys = wq(xs.to(m.weight.device, m.weight.dtype)).float().cpu()
+    else:
+        grid = xs.to(scales.device)[None, :] * scales[:, None]
+        ys = (wq(grid.to(m.weight.dtype)).float()[0] / scales[0]).cpu()
+    label = "weight / channel scale" if scales is not None else "weight"
+    return w.numpy(), xs.numpy(), ys.numpy(), label
+
+
 def plot_levels(model: nn.Module, path: Path, max_layers: int = 4) -> Path:
-    """Learned weight levels over the weight histogram, for a few quantized layers."""
+    """Weight histograms with each layer's quantization staircase, for a few layers.
+
+    For up to ``max_layers`` quantized layers (spread from first to last): the histogram of
+    the weights (divided by their channel's scale for per-channel quantizers; grey, right
+    axis) and the quantizer's map from input to quantized value (red staircase, left axis)
+    over the same range, with the identity as a dashed line. The flat ends show the
+    clipping; at 8 bits the staircase hugs the identity instead of hiding the histogram.
+    """
     plt = _plt()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
-    if len(layers) > max_layers:
-        step = (len(layers) - 1) / (max_layers - 1)
-        layers = [layers[round(i * step)] for i in range(max_layers)]
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.2 * len(layers), 2.8), squeeze=False)
-    for ax, (name, m) in zip(axes[0], layers, strict=True):
-        w = m.weight.detach().float().flatten().cpu()
-        ax.hist(w.numpy(), bins=100, color="0.7")
-        with torch.no_grad():
-            levels = m.weight_quantizer.levels().cpu()
-        for v in levels.tolist():
-            ax.axvline(v, color="tab:red", lw=0.7)
-        ax.set_title(f"{name}\n{m.weight_quantizer.bits}-bit {m.weight_quantizer.mode}", fontsize=7)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.quantize]
+    layers = _pick(layers, max_layers)
+    cols = max(len(layers), 1)
+    fig, axes = plt.subplots(1, cols, figsize=(3.2 * cols, 3.0), squeeze=False)
+    for ax, (name, m) in zip(axes[0], layers, strict=False):
+        w, xs, ys, label = _staircase(m)
+        hist = ax.twinx()
+        hist.hist(w, bins=120, range=(float(xs[0]), float(xs[-1])), color="0.8")
+        hist.set_yticks([])
+        ax.set_zorder(hist.get_zorder() + 1)  # the staircase over the histogram
+        ax.patch.set_visible(False)
+        ax.plot(xs, xs, color="0.45", ls="--", lw=0.6, label="identity")
+        ax.plot(xs, ys, color="tab:red", lw=0.9, drawstyle="steps-post", label="quantized")
+        ax.set_xlim(float(xs[0]), float(xs[-1]))
+        ax.set_ylim(float(xs[0]), float(xs[-1]))
+        wq = m.weight_quantizer
+        granularity = "per-channel" if wq.channels is not None else "per-tensor"
+        ax.set_title(f"{name}\n{wq.bits}-bit {wq.mode}, {granularity}", fontsize=7)
+        ax.set_xlabel(label, fontsize=6)
+        ax.set_ylabel("quantized value", fontsize=6)
         ax.tick_params(labelsize=6)
+    if layers:
+        first = axes[0][0]
+        handles = first.get_legend_handles_labels()[0] + [
+            plt.Rectangle((0, 0), 1, 1, color="0.8", label="weight histogram")
+        ]
+        first.legend(handles=handles, fontsize=6, loc="upper left", frameon=False)
+    else:
+        axes[0][0].text(0.5, 0.5, "no quantized layers", ha="center", va="center")
+        axes[0][0].set_axis_off()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

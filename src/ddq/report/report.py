@@ -9,10 +9,14 @@ from typing import Any
 from torch import nn
 
 from ..budget import Budget
+from .level_quality import level_quality, summarize_level_quality
 from .plots import plot_bits, plot_levels, plot_training
 from .tables import layer_rows, totals
 
 __all__ = ["write_report"]
+
+# The level-quality summary singles out the layers at this many bits or fewer.
+LOW_BITS = 4
 
 
 def _fmt_bytes(n: float) -> str:
@@ -26,6 +30,10 @@ def write_report(
     history: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write ``report.md``, ``report.json`` and ``plots/*.png`` into ``run_dir``.
+
+    Besides the layer table and totals, the report measures each layer's learned weight
+    levels against the best uniform grid and k-means at the same bits
+    (:func:`ddq.report.level_quality`), per layer and summarised.
 
     Args:
         run_dir: the run folder.
@@ -44,21 +52,64 @@ def write_report(
     rows = layer_rows(model, budget)
     tot = totals(model, budget)
     history = history or []
+    lq_rows = level_quality(model)
+    lq = {
+        "layers": lq_rows,
+        "summary": {
+            f"bits<={LOW_BITS}": summarize_level_quality(lq_rows, max_bits=LOW_BITS),
+            "all": summarize_level_quality(lq_rows),
+        },
+    }
     files = {
         "bits": plot_bits(rows, plots / "bits_per_layer.png"),
         "levels": plot_levels(model, plots / "levels.png"),
     }
     if history:
         files["training"] = plot_training(history, plots / "training.png", result.get("fp_acc"))
-    report = {"result": result, "totals": tot, "layers": rows, "history": history,
+    report = {"result": result, "totals": tot, "layers": rows, "level_quality": lq,
+              "history": history,
               "plots": {k: str(v.relative_to(run_dir)) for k, v in files.items()}}  # fmt: skip
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (run_dir / "report.md").write_text(_markdown(result, tot, rows, report["plots"]))
+    (run_dir / "report.md").write_text(_markdown(result, tot, rows, report["plots"], lq))
     return report
 
 
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _level_quality_md(lq: dict[str, Any]) -> list[str]:
+    md = ["## Level quality", "",
+          "Weight MSE of the learned levels divided by that of two references fitted to the "
+          "same weight at the same bits and granularity (per channel or per tensor): the "
+          "best clipped uniform grid (MSE-searched step) and k-means levels. Below 1: "
+          "better than the reference. Learned levels also serve the task loss, so values "
+          "slightly above 1 are expected; far above 1 flags a layer whose levels went wrong. "
+          "With few weights per level (small layers at high bits) k-means is nearly exact, "
+          "so learned/k-means is large there without meaning much.",
+          "", "| layers | n | learned/uniform median | max | learned/k-means median | max |",
+          "|---|---|---|---|---|---|"]  # fmt: skip
+    for label, s in lq["summary"].items():
+        u, k = s["vs_uniform"], s["vs_kmeans"]
+        md.append(
+            f"| {label.replace('<=', ' <= ')} | {s['layers']} | {_ratio(u['median'])} | "
+            f"{_ratio(u['max'])} | {_ratio(k['median'])} | {_ratio(k['max'])} |"
+        )
+    md += ["", "| layer | bits | learned/uniform | learned/k-means |", "|---|---|---|---|"]
+    md += [
+        f"| {r['name']} | {r['bits']} | {_ratio(r['vs_uniform'])} | {_ratio(r['vs_kmeans'])} |"
+        for r in lq["layers"]
+    ]
+    md.append("")
+    return md
+
+
 def _markdown(
-    result: dict[str, Any], tot: dict[str, Any], rows: list[dict[str, Any]], plots: dict[str, str]
+    result: dict[str, Any],
+    tot: dict[str, Any],
+    rows: list[dict[str, Any]],
+    plots: dict[str, str],
+    lq: dict[str, Any] | None = None,
 ) -> str:
     md = [f"# ddq report: {result.get('model', 'model')} on {result.get('dataset', 'data')}", ""]
     if "budget_description" in tot:
@@ -113,5 +164,8 @@ def _markdown(
             f"{r['w_levels'] or '-'} | {r['mode']} | {r['params']:,} | {r['macs'] or 0:,} | "
             f"{100 * r['budget_share']:.1f}% |"
         )
-    md += ["", "## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
+    md.append("")
+    if lq is not None:
+        md += _level_quality_md(lq)
+    md += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     return "\n".join(md)
