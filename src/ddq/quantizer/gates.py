@@ -4,7 +4,7 @@ Each bit ``k`` has a logit ``gamma_k`` and a hard gate ``h_k = 1[gamma_k > 0]``.
 ordered gate is ``g_k = g_{k-1} h_k``, so a bit can only be open when every more
 significant bit is, and ``b = sum_k g_k`` is the bitwidth.
 
-Gradient (a documented choice; DDQ.md only asks for straight-through gates): the
+Gradient (a documented choice; the method only asks for straight-through gates): the
 predecessor ``g_{k-1}`` is treated as a constant in the backward pass, and ``h_k``
 passes its gradient straight through (``dh/dgamma = 1``). So
 ``dL/dgamma_k = g_{k-1} dL/dg_k``: every bit whose predecessors are open -- the open bits
