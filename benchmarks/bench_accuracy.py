@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,12 +42,19 @@ from ddq.training import TrainConfig, evaluate, train_ddq, train_float
 
 
 def _qcfg(
-    mode: str, bits: int | None, min_bits: int, grad_scale: bool = True, act_min_bits: int = 2
+    mode: str,
+    bits: int | None,
+    min_bits: int,
+    grad_scale: bool = True,
+    act_min_bits: int = 2,
+    per_channel: bool = True,
 ) -> ddq.DDQConfig:
-    w = ddq.QuantizerConfig(mode=mode, bits=bits, min_bits=min_bits, grad_scale=grad_scale)
+    w = ddq.QuantizerConfig(mode=mode, bits=bits, min_bits=min_bits, grad_scale=grad_scale,
+                            per_channel=per_channel)  # fmt: skip
     # Learned activation bits stop at 2: a 1-bit (binary) activation after ReLU6 loses
     # most of the signal, and activations cost nothing in a size budget anyway.
-    a = dataclasses.replace(w, signed=None, min_bits=min(act_min_bits, bits or act_min_bits))
+    a = dataclasses.replace(w, signed=None, min_bits=min(act_min_bits, bits or act_min_bits),
+                            per_channel=False)  # fmt: skip
     return ddq.DDQConfig(weight=w, activation=a)
 
 
@@ -96,8 +104,10 @@ def run_one(method: str, bits: int, fp_model, loaders, example, args, seed: int)
             copy.deepcopy(fp_model), _qcfg("uniform", bits, 1), example_inputs=example
         )
         size, gbitops, avg = _size_and_bitops(ref)
-    else:  # ddq-adaptive / ddq-uniform / ddq-adaptive-noscale
+    else:  # ddq-adaptive / ddq-uniform / ddq-adaptive-{noscale,frozen,pertensor}
         mode = "uniform" if method == "ddq-uniform" else "adaptive"
+        if method == "ddq-adaptive-frozen":  # levels stay at their data-driven fit
+            tcfg = dataclasses.replace(tcfg, lr_levels=0.0)
         ref = ddq.prepare(
             copy.deepcopy(fp_model), _qcfg("uniform", bits, 1), example_inputs=example
         )
@@ -105,7 +115,8 @@ def run_one(method: str, bits: int, fp_model, loaders, example, args, seed: int)
         # Weights learn 2..8 bits (ddq's default floor); at the 2-bit size the floor is 1,
         # or every layer would be pinned at 2 with nothing left to allocate.
         floor = 2 if bits > 2 else 1
-        ddq.prepare(model, _qcfg(mode, None, floor, grad_scale=method != "ddq-adaptive-noscale"),
+        ddq.prepare(model, _qcfg(mode, None, floor, grad_scale=method != "ddq-adaptive-noscale",
+                                 per_channel=method != "ddq-adaptive-pertensor"),
                     example_inputs=example)  # fmt: skip
         try:
             res = train_ddq(model, train_loader, test_loader,
@@ -125,6 +136,20 @@ def run_one(method: str, bits: int, fp_model, loaders, example, args, seed: int)
         ]
     return {"acc": acc, "size_bytes": size, "gbitops": gbitops, "avg_w_bits": avg,
             "wall_s": time.time() - t0, **extra}  # fmt: skip
+
+
+def code_version() -> str:
+    """The ddq version and git commit the runs come from (``+dirty`` for uncommitted
+    changes under src/ or benchmarks/), so a table never mixes results of different code."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "src", "benchmarks"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ddq.__version__
+    return f"{ddq.__version__}+{commit}" + ("+dirty" if dirty else "")
 
 
 def _base_key(arch: str, seed: int, settings: dict) -> str:
@@ -168,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width-mult", type=float, default=1.0, help="mobilenet_v2 width")
     p.add_argument("--out-dir", default="benchmarks/results/accuracy")
     p.add_argument("--fresh", action="store_true", help="ignore cached runs")
+    p.add_argument("--code", default=None,
+                   help="code version whose cached runs to use (default: this checkout's)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="smoke test: tiny everything")
     p.add_argument("--report-only", action="store_true",
                    help="write the tables and plots from the cached runs; train nothing")  # fmt: skip
@@ -195,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "batch_size", "width_mult", "lr_gates")}  # fmt: skip
     if args.track_slack != TrainConfig.track_slack:  # keyed only when changed: old keys stay valid
         settings["track_slack"] = args.track_slack
+    settings["code"] = args.code or code_version()
     splits = create_dataset("mnist5k", subset=args.subset)
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     torch.set_num_threads(torch.get_num_threads())
