@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -70,15 +71,44 @@ class Budget:
     max_act_bits: int | None = None
 
     def __post_init__(self) -> None:
+        for k in _KINDS:
+            v = getattr(self, k)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ValueError(f"budget {k} must be a number, got {type(v).__name__} {v!r}")
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"budget {k} must be a positive finite number, got {v!r}")
         set_ = [k for k in _KINDS if getattr(self, k) is not None]
         if len(set_) != 1:
             raise ValueError(f"a Budget needs exactly one of {_KINDS}, got {set_ or 'none'}")
-        if not getattr(self, set_[0]) > 0:
-            raise ValueError(f"budget {set_[0]} must be positive, got {getattr(self, set_[0])}")
-        if self.max_act_bits is not None and not (
-            isinstance(self.max_act_bits, int) and 1 <= self.max_act_bits <= 8
-        ):
-            raise ValueError(f"max_act_bits must be an integer in 1..8, got {self.max_act_bits!r}")
+        cap = self.max_act_bits
+        if cap is not None and not (isinstance(cap, int) and not isinstance(cap, bool)):
+            raise ValueError(
+                f"budget max_act_bits must be an integer in 1..8 or null, got "
+                f"{type(cap).__name__} {cap!r}"
+            )
+        if cap is not None and not 1 <= cap <= 8:
+            raise ValueError(f"budget max_act_bits must be an integer in 1..8, got {cap!r}")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Budget:
+        """Inverse of ``to_dict``; unknown keys or wrong types raise ``ValueError``.
+
+        Example:
+            >>> Budget.from_dict({"size_ratio": 0.125}).describe()
+            'size / FP32 <= 0.125'
+        """
+        if not isinstance(d, Mapping):
+            raise ValueError(
+                f"a budget must be a mapping such as {{'avg_weight_bits': 4}}, got "
+                f"{type(d).__name__} {d!r}"
+            )
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted((k for k in d if k not in names), key=repr)
+        if unknown:
+            raise ValueError(f"unknown budget key(s) {unknown}; known: {names}")
+        return cls(**d)
 
     @property
     def kind(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,23 +43,14 @@ class QuantizerConfig:
 
     def validate(self, where: str = "quantizer") -> None:
         """Raise ``ValueError`` naming ``where`` and the bad field."""
-        if not isinstance(self.max_bits, int) or not 1 <= self.max_bits <= 8:
-            raise ValueError(f"{where}: max_bits must be an integer in 1..8, got {self.max_bits!r}")
-        if not isinstance(self.min_bits, int) or not 1 <= self.min_bits <= self.max_bits:
+        for f in dataclasses.fields(self):
+            _check_field(f.name, getattr(self, f.name), where)
+        if self.min_bits > self.max_bits:
             raise ValueError(
                 f"{where}: min_bits must be an integer in 1..max_bits ({self.max_bits}), "
                 f"got {self.min_bits!r}"
             )
-        if self.mode not in MODES:
-            raise ValueError(f"{where}: unknown mode {self.mode!r}; expected one of {MODES}")
-        for key in ("grad_scale", "per_channel"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{where}: {key} must be true or false, got {getattr(self, key)!r}")
-        if self.signed is not None and not isinstance(self.signed, bool):
-            raise ValueError(f"{where}: signed must be true, false or null, got {self.signed!r}")
-        if self.bits is not None and (
-            not isinstance(self.bits, int) or not 1 <= self.bits <= self.max_bits
-        ):
+        if self.bits is not None and self.bits > self.max_bits:
             raise ValueError(
                 f"{where}: bits must be None or an integer in 1..max_bits ({self.max_bits}), "
                 f"got {self.bits!r}"
@@ -86,13 +78,57 @@ class QuantizerConfig:
 
     def replace(self, where: str, **changes: Any) -> QuantizerConfig:
         """A copy with ``changes``; unknown field names raise ``ValueError``."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise ValueError(
-                f"{where}: unknown quantizer setting(s) {unknown}; known: {sorted(names)}"
-            )
+        _check_settings(changes, where)
         return dataclasses.replace(self, **changes)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_field(key: str, value: Any, where: str) -> None:
+    """Type and range of one ``QuantizerConfig`` field on its own; ``ValueError`` naming it.
+
+    Cross-field rules (``min_bits <= max_bits``, ``bits <= max_bits``) are checked by
+    ``QuantizerConfig.validate`` once the settings are combined.
+    """
+    if key in ("max_bits", "min_bits"):
+        if not _is_int(value) or not 1 <= value <= 8:
+            raise ValueError(f"{where}: {key} must be an integer in 1..8, got {value!r}")
+    elif key == "bits":
+        if value is not None and (not _is_int(value) or not 1 <= value <= 8):
+            raise ValueError(f"{where}: bits must be null or an integer in 1..8, got {value!r}")
+    elif key == "mode":
+        if not isinstance(value, str) or value not in MODES:
+            raise ValueError(f"{where}: unknown mode {value!r}; expected one of {MODES}")
+    elif key in ("grad_scale", "per_channel"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: {key} must be true or false, got {value!r}")
+    elif key == "signed":
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{where}: signed must be true, false or null, got {value!r}")
+    else:
+        names = sorted(f.name for f in dataclasses.fields(QuantizerConfig))
+        raise ValueError(f"{where}: unknown quantizer setting {key!r}; known: {names}")
+
+
+def _check_settings(settings: Any, where: str) -> None:
+    """``settings`` is a mapping of known quantizer fields, each of a valid type."""
+    if not isinstance(settings, Mapping):
+        raise ValueError(
+            f"{where} must be a mapping of quantizer settings, got {type(settings).__name__} "
+            f"{settings!r}"
+        )
+    names = {f.name for f in dataclasses.fields(QuantizerConfig)}
+    bad_keys = [k for k in settings if not isinstance(k, str)]
+    if bad_keys:
+        raise ValueError(f"{where}: setting names must be strings, got {bad_keys!r}")
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown quantizer setting(s) {unknown}; known: {sorted(names)}")
+    for key, value in settings.items():
+        _check_field(key, value, where)
 
 
 @dataclass
@@ -134,23 +170,64 @@ class DDQConfig:
     quantize_network_input: bool = True
 
     def validate(self) -> None:
-        """Raise ``ValueError`` saying what is wrong."""
+        """Raise ``ValueError`` naming the bad key and saying what is wrong."""
+        if not isinstance(self.weight, QuantizerConfig):
+            raise ValueError(
+                f"DDQConfig.weight must be a QuantizerConfig, got {type(self.weight).__name__}"
+            )
         self.weight.validate("DDQConfig.weight")
         if self.activation is not None:
+            if not isinstance(self.activation, QuantizerConfig):
+                raise ValueError(
+                    "DDQConfig.activation must be a QuantizerConfig or None, got "
+                    f"{type(self.activation).__name__}"
+                )
             self.activation.validate("DDQConfig.activation")
             if self.activation.per_channel:
                 raise ValueError("DDQConfig.activation: per_channel is for weights only")
         fl = self.first_last_bits
-        if not (fl in ("learn", "float") or (isinstance(fl, int) and 1 <= fl <= 8)):
+        if not (
+            (isinstance(fl, str) and fl in ("learn", "float")) or (_is_int(fl) and 1 <= fl <= 8)
+        ):
             raise ValueError(
                 f"first_last_bits must be an integer in 1..8, 'learn' or 'float', got {fl!r}"
             )
+        if not isinstance(self.quantize_network_input, bool):
+            raise ValueError(
+                f"quantize_network_input must be true or false, got {self.quantize_network_input!r}"
+            )
+        if not isinstance(self.skip, list | tuple) or not all(
+            isinstance(p, str) for p in self.skip
+        ):
+            raise ValueError(
+                f"skip must be a list of module-name patterns (strings), got {self.skip!r}"
+            )
         for table_name, table in (("by_type", self.by_type), ("by_name", self.by_name)):
+            if not isinstance(table, Mapping):
+                raise ValueError(
+                    f"{table_name} must be a mapping of overrides, got {type(table).__name__} "
+                    f"{table!r}"
+                )
             for key, override in table.items():
-                if not isinstance(override, dict) or set(override) - {"weight", "activation"}:
+                if not isinstance(key, str):
+                    raise ValueError(
+                        f"{table_name} keys must be strings "
+                        f"({'layer type names' if table_name == 'by_type' else 'glob patterns'})"
+                        f", got {key!r}"
+                    )
+                if not isinstance(override, Mapping) or set(override) - {"weight", "activation"}:
                     raise ValueError(
                         f"{table_name}[{key!r}] must be a dict with keys 'weight' and/or "
                         f"'activation', got {override!r}"
+                    )
+                for role, settings in override.items():
+                    if settings is None:
+                        continue  # that tensor stays float
+                    _check_settings(settings, f"{table_name}[{key!r}].{role}")
+                act = override.get("activation")
+                if isinstance(act, Mapping) and act.get("per_channel"):
+                    raise ValueError(
+                        f"{table_name}[{key!r}].activation: per_channel is for weights only"
                     )
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,6 +239,8 @@ class DDQConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DDQConfig:
         """Inverse of ``to_dict``; unknown keys or versions raise ``ValueError``."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a DDQConfig must be a mapping of settings, got {type(d).__name__}")
         d = dict(d)
         version = d.pop("version", CONFIG_VERSION)
         if version != CONFIG_VERSION:
@@ -169,14 +248,16 @@ class DDQConfig:
                 f"DDQConfig version {version} is not supported (expected {CONFIG_VERSION})"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names, key=repr)
         if unknown:
             raise ValueError(f"unknown DDQConfig key(s) {unknown}; known: {sorted(names)}")
         if "weight" in d:
+            _check_settings(d["weight"], "DDQConfig.weight")
             d["weight"] = QuantizerConfig(per_channel=True).replace(
                 "DDQConfig.weight", **d["weight"]
             )
         if d.get("activation") is not None:
+            _check_settings(d["activation"], "DDQConfig.activation")
             d["activation"] = QuantizerConfig(signed=None).replace(
                 "DDQConfig.activation", **d["activation"]
             )

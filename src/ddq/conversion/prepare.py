@@ -23,6 +23,9 @@ _FLOAT_BY_DESIGN = (
 )
 
 
+_UNSUPPORTED = "layer type not supported by ddq"
+
+
 @dataclass
 class DDQState:
     """What ``prepare`` did, kept on the model as ``model.ddq_state``."""
@@ -189,6 +192,9 @@ def prepare(
             if w_cfg is None:
                 state.float_layers.append((name, type(module).__name__, "weight override None"))
                 continue
+            w_cfg.validate(f"layer {name!r} weight (after overrides)")
+            if a_cfg is not None:
+                a_cfg.validate(f"layer {name!r} activation (after overrides)")
             wq = w_cfg.build(channels=module.weight.shape[0], refit_on_bits=True)
             wq.name = f"{name}.weight"
             wq.init_from(module.weight)
@@ -205,8 +211,26 @@ def prepare(
         elif not isinstance(module, (QuantLayer, *_FLOAT_BY_DESIGN)) and any(
             True for _ in module.parameters(recurse=False)
         ):
-            state.float_layers.append(
-                (name, type(module).__name__, "layer type not supported by ddq")
+            state.float_layers.append((name, type(module).__name__, _UNSUPPORTED))
+    if not state.quantized:
+        # Nothing was replaced, so the model is unchanged; a 0-layer "quantized" model
+        # would train to a budget it trivially meets.
+        supported = "/".join(t.__name__ for t in QUANT_LAYERS)
+        if not state.float_layers or all(why == _UNSUPPORTED for _, _, why in state.float_layers):
+            found = (
+                f"; its parameterised layers are of unsupported types "
+                f"({sorted({t for _, t, _ in state.float_layers})})"
+                if state.float_layers
+                else ""
             )
+            raise ValueError(
+                f"prepare found no layer to quantize: the model ({type(model).__name__}) has "
+                f"no {supported} layer{found}"
+            )
+        why = sorted({f"{n} ({w})" for n, _, w in state.float_layers if w != _UNSUPPORTED})
+        raise ValueError(
+            f"prepare found no layer to quantize: every {supported} layer is left float by "
+            f"the config: {', '.join(why)}"
+        )
     model.ddq_state = state
     return model

@@ -5,6 +5,7 @@ fine-tuning at the final bits. Usable from Python and from the ``ddq`` CLI; runs
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from .optim import split_parameters
 from .progress import MetricsLog, progress
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate", "train_ddq", "train_float"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,10 +79,49 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if not 0 <= self.freeze_epochs <= self.epochs:
-            raise ValueError(f"freeze_epochs must be in 0..epochs, got {self.freeze_epochs}")
+        """Raise ``ValueError`` naming the first bad setting."""
+
+        def integer(key: str, low: int, optional: bool = False) -> None:
+            v = getattr(self, key)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                what = f"an integer >= {low}" + (" or null" if optional else "")
+                raise ValueError(f"TrainConfig.{key} must be {what}, got {v!r}")
+
+        def number(key: str, low: float, high: float = math.inf, optional: bool = False) -> None:
+            v = getattr(self, key)
+            if optional and v is None:
+                return
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, int | float)
+                or not math.isfinite(v)
+                or not low <= v <= high
+            ):
+                span = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+                what = f"a finite number {span}" + (" or null" if optional else "")
+                raise ValueError(f"TrainConfig.{key} must be {what}, got {v!r}")
+
+        integer("epochs", 1)
+        integer("freeze_epochs", 0)
+        if self.freeze_epochs > self.epochs:
+            raise ValueError(
+                f"TrainConfig.freeze_epochs must be in 0..epochs ({self.epochs}), "
+                f"got {self.freeze_epochs}"
+            )
+        for key in ("lr", "weight_decay", "lr_levels", "lr_gates", "dual_step"):
+            number(key, 0.0)
+        number("momentum", 0.0, 1.0)
+        number("anneal", 0.0, 1.0)
+        number("track_slack", 0.0, optional=True)
+        integer("calib_batches", 1)
+        integer("fit_batches", 0)
+        integer("max_steps_per_epoch", 1, optional=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"TrainConfig.progress must be true or false, got {self.progress!r}")
 
 
 @dataclass
@@ -226,6 +268,10 @@ def train_ddq(
     cfg = config or TrainConfig()
     run_path = Path(run_dir) if run_dir is not None else None
     ckpt_path = run_path / "checkpoint.pt" if run_path is not None else None
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(cfg).__name__}")
+    if not isinstance(budget, Budget):
+        raise ValueError(f"budget must be a Budget, got {type(budget).__name__}")
     model.to(device)
     cost_model = CostModel(model)
     budget.apply(model, cost_model)  # activation cap + feasibility, before any training
@@ -279,6 +325,8 @@ def train_ddq(
         constraint.load_state_dict(state["constraint"])
         if tracker is not None and state.get("tracker") is not None:
             tracker.load_state_dict(state["tracker"])
+    if run_path is not None and _is_main():
+        run_path.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_path if _is_main() else None, rows)
     fit_epoch = cfg.epochs - cfg.freeze_epochs
     anneal_steps = max(cfg.anneal * fit_epoch * steps_per_epoch, 1e-9)
@@ -356,11 +404,11 @@ def train_ddq(
         )
         if _is_main():  # one line per epoch even without progress bars (logs, CI)
             r = log.rows[-1]
-            print(
-                f"epoch {epoch + 1}/{cfg.epochs}: loss {r['train_loss']:.4f} "
-                f"test {test_acc:.2f}% w-bits {r['avg_w_bits']:.2f} a-bits {r['avg_a_bits']:.2f} "
-                f"budget {100 * r['budget_usage']:.1f}%"
-            )
+            logger.info(
+                "epoch %d/%d: loss %.4f test %.2f%% w-bits %.2f a-bits %.2f budget %.1f%%",
+                epoch + 1, cfg.epochs, r["train_loss"], test_acc, r["avg_w_bits"],
+                r["avg_a_bits"], 100 * r["budget_usage"],
+            )  # fmt: skip
         if ckpt_path is not None and _is_main():
             save_checkpoint(
                 ckpt_path,

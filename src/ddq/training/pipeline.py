@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from ..budget import Budget, CostModel
 from ..conversion import DDQConfig, prepare
 from .loop import TrainConfig, evaluate, train_ddq, train_float
 
-__all__ = ["RunConfig", "load_run", "run_quantize"]
+__all__ = ["RunConfig", "check_device", "load_run", "run_quantize"]
+
+logger = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "config.json"
 FP_WEIGHTS_FILE = "fp32.safetensors"
@@ -65,8 +68,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"run settings must be a mapping, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names, key=repr)
         if unknown:
             raise ValueError(f"unknown run setting(s) {unknown}; known: {sorted(names)}")
         cfg = cls(**d)
@@ -76,14 +81,16 @@ class RunConfig:
         return cfg
 
     def budget_obj(self) -> Budget:
-        return Budget(**self.budget)
+        return Budget.from_dict(self.budget)
 
     def ddq_config(self) -> DDQConfig:
         return DDQConfig.from_dict(self.ddq)
 
     def train_config(self) -> TrainConfig:
+        if not isinstance(self.train, dict):
+            raise ValueError(f"train must be a mapping of training settings, got {self.train!r}")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(self.train) - known)
+        unknown = sorted(set(self.train) - known, key=repr)
         if unknown:
             raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
         return TrainConfig(**self.train)
@@ -114,6 +121,39 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
+def check_device(device: Any) -> torch.device:
+    """``device`` parsed and usable on this machine, or a ``ValueError`` naming it.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+    """
+    if not isinstance(device, str | torch.device):
+        raise ValueError(f"device must be a string such as 'cpu' or 'cuda:0', got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"unknown device {str(device)!r}: expected cpu, cuda[:N] or mps") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} is not available: CUDA is not usable here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(device)!r} is not available: this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {str(device)!r} is not available: MPS is not usable here")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except Exception as e:  # backend not built in, no driver, bad index ...
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"device {str(device)!r} is not available: {first}") from e
+    return dev
+
+
 def _init_distributed(device: str) -> bool:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
@@ -142,6 +182,7 @@ def run_quantize(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     t0 = time.time()
     run_dir = Path(cfg.out)
     budget, ddq_cfg, train_cfg = cfg.budget_obj(), cfg.ddq_config(), cfg.train_config()
+    check_device(cfg.device)
     distributed = _init_distributed(cfg.device)
     main = not distributed or dist.get_rank() == 0
     splits, model, arch, example = _build(cfg)
@@ -176,7 +217,7 @@ def run_quantize(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
         if main:
             save_weights(model, fp_path)
     if main:
-        print(f"fp32 accuracy: {fp_acc:.2f}%")
+        logger.info("fp32 accuracy: %.2f%%", fp_acc)
     fp_time = time.time() - t0
 
     prepare(model, ddq_cfg, example_inputs=example.to(cfg.device))
