@@ -6,6 +6,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -528,6 +529,7 @@ class DDQQuantizer(nn.Module):
             self._check_finite(x)
             if not bool(self.initialized):
                 self.init_from(x)
+                self._broadcast_state()
         elif not bool(self.initialized):
             raise RuntimeError(
                 f"{self._label()} was never initialised: calibrate it (ddq.calibrate) or run "
@@ -552,6 +554,15 @@ class DDQQuantizer(nn.Module):
         cs = _scale_grad(self._channel_scales(), self._level_grad_factor(per_channel_numel, bits))
         cs = cs.to(x.dtype).view(self._channel_shape(x))
         return table_lookup(x / cs, v.to(x.dtype), indexer) * cs
+
+    def _broadcast_state(self) -> None:
+        """Under DDP, take rank 0's levels: a quantizer first initialised inside a training
+        forward (a branch calibration never reached) saw each process's own batch, and
+        DDP does not re-broadcast parameters after it wraps the model."""
+        if dist.is_available() and dist.is_initialized():
+            with torch.no_grad():
+                for t in [*self.parameters(), *self.buffers()]:
+                    dist.broadcast(t.data, 0)
 
     def _indexer(self, q: torch.Tensor, bits: int) -> UniformIndexer | AdaptiveIndexer:
         if self.mode == "uniform":

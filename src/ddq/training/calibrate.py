@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..conversion.macs import as_args
@@ -19,7 +20,7 @@ def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
     num_batches: int = 8,
-    method: str = "mse",
+    method: str = "percentile",
     keep_ranges: bool = False,
 ) -> int:
     """Fit every quantizer to data: weights to the current weights, inputs to ``num_batches``.
@@ -27,9 +28,10 @@ def calibrate(
     Every quantizer is (re-)initialised, so a stray forward before calibration (a quick
     "does it run" call on zeros after ``prepare``, which initialises input ranges from
     that batch) cannot leave collapsed ranges behind; ``keep_ranges=True`` calibrates only
-    the quantizers that were never initialised. ``method`` is ``"mse"`` (MSE-searched
-    step or Lloyd levels on a subsample of the observed inputs; the default, see
-    docs/method.md) or ``"percentile"`` (levels spread over the 0.01%/99.99% quantiles).
+    the quantizers that were never initialised. ``method`` is ``"percentile"`` (levels
+    spread evenly over the mean 0.01%/99.99% quantiles; the default, the better start in
+    BENCHMARKS.md) or ``"mse"`` (MSE-searched step or Lloyd levels on a subsample of the
+    observed inputs).
     A NaN or Inf in the data raises ``FloatingPointError`` naming the first layer whose
     input held it.
 
@@ -87,8 +89,19 @@ def calibrate(
             seen += 1
         if seen == 0:
             raise ValueError("calibrate got no batches")
-        for q in targets:
-            if q._observer is not None and q._observer.batches > 0:
+        # Decide on the batches every process saw: a branch reached on one process only
+        # must still be fitted (from the gathered data) on all, or the gather would hang.
+        seen_by = torch.tensor(
+            [q._observer.batches if q._observer is not None else 0 for q in targets],
+            dtype=torch.float64,
+        )
+        if dist.is_available() and dist.is_initialized():
+            dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            seen_by = seen_by.to(dev)
+            dist.all_reduce(seen_by)
+            seen_by = seen_by.cpu()
+        for q, n in zip(targets, seen_by.tolist(), strict=True):
+            if q._observer is not None and n > 0:
                 q.finish_calibration(method)
             else:  # a branch the calibration data never reached: initialise on first use
                 q.calibrating = False

@@ -56,6 +56,7 @@ class TrainConfig:
             (one seed each), see BENCHMARKS.md.
         freeze_epochs: final epochs trained at fixed bits, after the budget fit.
         calib_batches: batches used to calibrate activation ranges.
+        calib_method: ``"percentile"`` (default) or ``"mse"``, see ``ddq.calibrate``.
         fit_batches: batches whose gate gradients rank bits in the budget fit.
         max_steps_per_epoch: cap on steps per epoch (quick runs and tests).
         seed: seeds data order, dropout and initialisation per epoch (resumable).
@@ -73,6 +74,7 @@ class TrainConfig:
     track_slack: float | None = None
     freeze_epochs: int = 1
     calib_batches: int = 8
+    calib_method: str = "percentile"
     fit_batches: int = 8
     max_steps_per_epoch: int | None = None
     seed: int = 0
@@ -116,6 +118,10 @@ class TrainConfig:
         number("anneal", 0.0, 1.0)
         number("track_slack", 0.0, optional=True)
         integer("calib_batches", 1)
+        if self.calib_method not in ("percentile", "mse"):
+            raise ValueError(
+                f"TrainConfig.calib_method must be 'percentile' or 'mse', got {self.calib_method!r}"
+            )
         integer("fit_batches", 0)
         integer("max_steps_per_epoch", 1, optional=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -294,7 +300,7 @@ def train_ddq(
         rows = list(state["history"])
     else:
         torch.manual_seed(cfg.seed)
-        calibrate(model, train_loader, cfg.calib_batches)
+        calibrate(model, train_loader, cfg.calib_batches, method=cfg.calib_method)
 
     net = _wrap_ddp(model, device)
     weights, levels, gates = split_parameters(model)
