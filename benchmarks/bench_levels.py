@@ -1,12 +1,12 @@
 """How learned levels evolve: per-layer weight-level MSE and movement during QAT at fixed
-bits, with levels learned (Adam, ``train_ddq``'s default) against levels frozen at their
-data-driven start. Writes JSON, markdown and a PNG.
+bits, with levels frozen at their data-driven start against levels learned by Adam or by
+SGD with LSQ's scaled gradient, at several learning rates. Writes JSON, markdown and a PNG.
 
 Protocol: the FP32 MobileNetV2 of ``bench_start.py`` (cached), prepared at fixed W{b}A{b}
 (adaptive, per-channel weights; first/last layer at 8 bits), calibrated, then trained
-``--epochs`` epochs on the 4,000 training digits exactly as ``train_ddq`` trains (SGD with
-momentum on the weights, Adam on the level parameters, cosine schedules; the gates are
-frozen, so nothing is re-fitted). After every epoch, for every layer at ``b`` bits: the
+``--epochs`` epochs on the 4,000 training digits as ``train_ddq`` trains (SGD with
+momentum on the weights, the variant's optimizer on the level parameters, cosine
+schedules; the gates are frozen, so nothing is re-fitted). After every epoch, for every layer at ``b`` bits: the
 MSE of its learned levels against its current weights relative to the best clipped uniform
 grid and to k-means at the same bits, and how far the levels and the weights have moved
 from their start (relative L2 change).
@@ -57,11 +57,23 @@ def _moved(now: torch.Tensor, start: torch.Tensor) -> float:
     return float((now - start).norm() / start.norm().clamp(min=1e-12))
 
 
-def train_tracked(model, loaders, bits: int, lr_levels: float, args) -> list[dict]:
+def level_optimizer(variant: str, levels: list) -> torch.optim.Optimizer | None:
+    """``frozen``, ``adam:LR`` or ``sgd:LR`` (momentum 0.9, LSQ's scaled gradient)."""
+    if variant == "frozen":
+        return None
+    kind, lr = variant.split(":")
+    if kind == "adam":
+        return torch.optim.Adam(levels, lr=float(lr))
+    if kind == "sgd":
+        return torch.optim.SGD(levels, lr=float(lr), momentum=0.9)
+    raise ValueError(f"unknown variant {variant!r}: frozen, adam:LR or sgd:LR")
+
+
+def train_tracked(model, loaders, bits: int, variant: str, args) -> list[dict]:
     train_loader, test_loader = loaders
     weights, levels, _ = split_parameters(model)
     opt_w = torch.optim.SGD(weights, lr=args.lr, momentum=0.9, weight_decay=5e-5)
-    opt_q = torch.optim.Adam(levels, lr=lr_levels) if lr_levels > 0 else None
+    opt_q = level_optimizer(variant, levels)
     steps = args.epochs * min(len(train_loader), args.max_steps or 10**9)
     cos = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))  # noqa: E731
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, cos) for o in (opt_w, opt_q) if o]
@@ -141,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="adaptive", choices=["adaptive", "uniform"])
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--lr-levels", type=float, nargs="+", default=[0.0, 0.01])
+    p.add_argument("--variants", nargs="+", default=["frozen", "adam:0.01", "adam:0.001", "sgd:0.01"],
+                   help="level optimizers: frozen, adam:LR, sgd:LR")  # fmt: skip
     p.add_argument("--fp-epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-steps", type=int, default=None)
@@ -157,14 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     loaders = make_loaders(splits, batch_size=args.batch_size, seed=args.seed)
     fp, fp_acc = fp32_model(args.model, loaders, args)
     results = {}
-    for lr_levels in args.lr_levels:
+    for variant in args.variants:
         model = ddq.prepare(copy.deepcopy(fp), qconfig(args.mode, args.bits, True),
                             example_inputs=torch.zeros(1, 1, 28, 28))  # fmt: skip
         loaders[0].generator.manual_seed(args.seed)  # every variant: the same batches
         ddq.calibrate(model, loaders[0], num_batches=1 if args.quick else 8)
-        label = "levels frozen" if lr_levels == 0 else f"levels learned (Adam lr {lr_levels:g})"
-        print(label, flush=True)
-        results[label] = train_tracked(model, loaders, args.bits, lr_levels, args)
+        print(variant, flush=True)
+        results[variant] = train_tracked(model, loaders, args.bits, variant, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_levels.py " + " ".join(argv or sys.argv[1:])

@@ -44,7 +44,11 @@ class TrainConfig:
     Args:
         epochs: total DDQ epochs, including ``freeze_epochs``.
         lr, momentum, weight_decay: SGD on the model's weights (cosine schedule).
-        lr_levels: Adam on the quantizers' level parameters (cosine schedule).
+        lr_levels: Adam on the quantizers' level parameters (cosine schedule). Adam moves
+            every parameter by about this much per step however weak its gradient, so it
+            is small: at 0.001 the levels move at the weights' pace and stay near their
+            data-driven fit; at 0.01 they random-walk away from it (BENCHMARKS.md, level
+            learning).
         lr_gates: Adam on the gate logits (constant).
         dual_step: step of the Lagrange multiplier's dual ascent.
         anneal: fraction of the learning phase (before the fit) over which the effective
@@ -67,7 +71,7 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-5
-    lr_levels: float = 0.01
+    lr_levels: float = 0.001
     lr_gates: float = 0.01
     dual_step: float = 0.05
     anneal: float = 0.5
