@@ -177,7 +177,7 @@ def test_calibration_uses_batch_statistics_and_restores_batchnorm():
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     x = torch.randn(4, 3, 64, 64) * 3
-    ddq.calibrate(model, [x])
+    ddq.calibrate(model, [x], reestimate_bn=False)
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
     assert not model.training  # mode restored
@@ -193,3 +193,28 @@ def test_calibration_uses_batch_statistics_and_restores_batchnorm():
             )
     model(x)
     assert max(clipped) < 0.01
+
+
+def test_calibration_reestimates_batchnorm_with_the_quantized_model():
+    """By default the running statistics become those of the *quantized* model on the
+    calibration data: checked against the statistics of the quantized conv's output,
+    computed directly (cumulative average over the two batches)."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                        nn.LazyLinear(4))  # fmt: skip
+    net(EXAMPLE)
+    cfg = ddq.DDQConfig(weight=ddq.QuantizerConfig(bits=3, per_channel=True),
+                        activation=ddq.QuantizerConfig(bits=3, signed=None),
+                        first_last_bits="learn")  # fmt: skip
+    ddq.prepare(net, cfg, example_inputs=EXAMPLE)
+    xs = [torch.randn(4, 3, 64, 64) * 3, torch.randn(4, 3, 64, 64)]
+    ddq.calibrate(net, xs)
+    conv, bn = net[0], net[1]
+    with torch.no_grad():
+        conv.eval()
+        outs = [conv(x) for x in xs]  # the quantized conv, as calibration left it
+    dims = (0, 2, 3)
+    mean = torch.stack([o.mean(dims) for o in outs]).mean(0)
+    var = torch.stack([o.var(dims, unbiased=True) for o in outs]).mean(0)
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=1e-6)
+    assert int(bn.num_batches_tracked) == 2 and bn.momentum == 0.1  # momentum restored
