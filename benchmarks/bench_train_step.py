@@ -5,14 +5,19 @@ One step = forward, cross-entropy, backward and the optimizer step(s) on one bat
 model:
 
 - ``fp32``: the float model, SGD;
-- ``lsq_w4a4``: ddq's uniform mode with bits fixed at 4 (first/last 8), SGD + Adam on the
-  steps: the fixed-bit baseline of the accuracy benchmark;
+- ``lsq_w4a4``: ddq's uniform mode with bits fixed at 4 (first/last 8) trained as
+  ``bench_accuracy.py`` trains it: ``train_ddq``'s step with an 8-bit budget;
 - ``brevitas_w4a4``: brevitas integer quantizers at 4 bits (first/last 8), SGD (skipped
   when brevitas is not installed);
-- ``ddq_uniform`` / ``ddq_adaptive``: learned bits (2..8) under an average-4-bit budget:
-  the penalty and the dual update of every ``train_ddq`` learning step, plus the opt-in
-  budget tracker (``TrainConfig.track_slack``; off by default), so the figure is an upper
-  bound on a default step.
+- ``ddq_uniform`` / ``ddq_adaptive``: learned bits (2..8) under an average-4-bit budget.
+
+The ddq cases run the real step of ``train_ddq``, through the public lifecycle
+(``ddq.DDQTrainer``): the task loss plus ``trainer.penalty()``, the ``DDQOptimizer``
+step (SGD on the weights, Adam on levels and gates, the cosine schedules) and
+``trainer.step()`` (the dual update, the annealing and, for the learned-bit cases, the
+opt-in budget tracker, ``TrainConfig.track_slack``; off by default, so the figure is an
+upper bound on a default step). Every timed step is in the learning phase (bits not yet
+frozen), the costlier one.
 
 Every repeat runs every case once in a shuffled order so a shared machine's load falls
 on all alike; medians after warm-up are reported in ms and as ratios to ``fp32`` (and to
@@ -47,64 +52,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_accuracy import _qcfg
 
 import ddq
-from ddq.budget import Budget, BudgetConstraint, BudgetTracker, CostModel
+from ddq.budget import Budget
 from ddq.models import create_model
-from ddq.training.optim import split_parameters
+from ddq.training import DDQTrainer, TrainConfig
 
 
 def _step_fn(
-    case: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor
+    case: str, fp: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int
 ) -> Callable[[], None]:
-    """Build the model of ``case`` from ``fp`` and return a closure running one step."""
+    """Build the model of ``case`` from ``fp`` and return a closure running one step.
+
+    ``steps`` is how many steps will be run: the ddq lifecycle's learning phase (before
+    its budget fit) covers all of them.
+    """
     model = copy.deepcopy(fp)
     example = x[:1]
-    extra: list[Callable[[torch.Tensor], torch.Tensor]] = []  # added to the loss
-    before: list[Callable[[], object]] = []  # after backward, before the optimizer step
-    after: list[Callable[[], object]] = []  # after the optimizer step
     if case == "fp32" or case.startswith("brevitas"):
         if case.startswith("brevitas"):
             from brevitas_baseline import brevitas_quantize
 
             brevitas_quantize(model, 4, example)
-        opts = [torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)]
-    else:
-        mode = "adaptive" if case == "ddq_adaptive" else "uniform"
-        ddq.prepare(model, _qcfg(mode, 4 if case.startswith("lsq") else None, min_bits=2),
-                    example_inputs=example)  # fmt: skip
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         model.train()
-        with torch.no_grad():
-            model(x)  # initialise the ranges (what calibration does)
-        weights, levels, gates = split_parameters(model)
-        opts = [torch.optim.SGD(weights, lr=0.01, momentum=0.9),
-                torch.optim.Adam([{"params": levels, "lr": 0.01},
-                                  {"params": gates, "lr": 0.01}])]  # fmt: skip
-        if case.startswith("ddq"):
-            cm = CostModel(model)
-            budget = Budget(avg_weight_bits=4, max_act_bits=8)
-            budget.apply(model, cm)
-            constraint = BudgetConstraint(budget, cm)
-            tracker = BudgetTracker(model, budget, cm)
-            extra.append(lambda loss: loss + constraint.penalty())
-            before.append(tracker.observe)
-            after.append(constraint.update)
-            after.append(lambda: tracker.enforce(constraint.target))
+
+        def float_step() -> None:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return float_step
+
+    mode = "adaptive" if case == "ddq_adaptive" else "uniform"
+    fixed = case.startswith("lsq")
+    ddq.prepare(model, _qcfg(mode, 4 if fixed else None, min_bits=2), example_inputs=example)
+    if fixed:  # what bench_accuracy.py trains its fixed-bit baseline with
+        budget, cfg = Budget(avg_weight_bits=8), TrainConfig(epochs=2, progress=False)
+    else:
+        budget = Budget(avg_weight_bits=4, max_act_bits=8)
+        cfg = TrainConfig(epochs=2, track_slack=0.01, progress=False)
+    trainer = DDQTrainer(model, budget, cfg, steps_per_epoch=max(steps, 1))
+    trainer.calibrate([(x, y)], num_batches=1)
+    ddq_opt = trainer.optimizer()
     model.train()
 
-    def step() -> None:
-        loss = F.cross_entropy(model(x), y)
-        for f in extra:
-            loss = f(loss)
-        for o in opts:
-            o.zero_grad(set_to_none=True)
+    def ddq_step() -> None:
+        loss = trainer.loss(F.cross_entropy(model(x), y))
+        ddq_opt.zero_grad(set_to_none=True)
         loss.backward()
-        for f in before:
-            f()
-        for o in opts:
-            o.step()
-        for f in after:
-            f()
+        ddq_opt.step()
+        trainer.step()
 
-    return step
+    return ddq_step
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -120,7 +119,8 @@ def run(args: argparse.Namespace) -> dict:
         torch.manual_seed(args.seed)
         kw = {"width_mult": 0.25} if args.quick and arch == "mobilenet_v2" else {}
         fp = create_model(arch, num_classes=10, in_channels=1, small_input=True, **kw)
-        steps = {c: _step_fn(c, fp, x, y) for c in cases}
+        n_steps = args.warmup + args.repeats
+        steps = {c: _step_fn(c, fp, x, y, n_steps) for c in cases}
         times: dict[str, list[float]] = {c: [] for c in cases}
         rng = random.Random(args.seed)
         for rep in range(args.warmup + args.repeats):

@@ -16,6 +16,7 @@ from .deploy import export, export_onnx, load
 from .layers import QuantConv1d, QuantConv2d, QuantLinear
 from .quantizer import DDQQuantizer
 from .training.calibrate import calibrate
+from .training.lifecycle import DDQTrainer, TrainConfig
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,10 +24,12 @@ __all__ = [
     "CostModel",
     "DDQConfig",
     "DDQQuantizer",
+    "DDQTrainer",
     "QuantConv1d",
     "QuantConv2d",
     "QuantLinear",
     "QuantizerConfig",
+    "TrainConfig",
     "__version__",
     "calibrate",
     "export",
