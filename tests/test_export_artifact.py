@@ -144,7 +144,7 @@ def test_manifest_records_layers_conventions_and_checksums(tmp_path):
     arch = {"name": "tiny", "kwargs": {"in_channels": 3}}
     export(net, tmp_path / "m.safetensors", arch=arch)
     manifest, tensors = read_artifact(tmp_path / "m.safetensors")
-    assert manifest.format_version == FORMAT_VERSION == 2
+    assert manifest.format_version == FORMAT_VERSION == 3
     assert manifest.architecture == arch
     assert manifest.conventions == net.ddq_state.conventions()
     assert list(manifest.layers) == [n for n, _ in quantized_layers(net)]
@@ -164,7 +164,10 @@ def test_manifest_records_layers_conventions_and_checksums(tmp_path):
     assert manifest.conventions["weights_per_channel"] is True
     assert [s.input.bits for s in manifest.layers.values()] == list(A_BITS)
     assert set(manifest.batchnorm) == {"bn", "bn2", "bn1"}
-    assert set(manifest.checksums) == set(tensors)
+    assert set(manifest.checksums) == {"ddq.indices", "ddq.tables", "ddq.batchnorm"}
+    assert {k for k in tensors if k.endswith(".weight.idx")} == {
+        f"{n}.weight.idx" for n in manifest.layers
+    }
     assert manifest.float_tensors == []  # everything is a ddq layer or a BatchNorm
 
 
@@ -276,6 +279,74 @@ def test_registry_models_are_small_and_reload_from_the_manifest(tmp_path, name, 
     assert not any(isinstance(m, DDQQuantizer) for m in runtime.modules())
 
 
+# What the file may add to the theoretical size of a small model: 5% plus this many bytes
+# (the safetensors header and the manifest: 1.2-1.4 KB on the models below).
+SMALL_MODEL_SLACK = 1024
+
+
+@pytest.mark.parametrize("mode", ["uniform", "adaptive", "tiny"])
+def test_small_models_stay_within_5_percent_of_their_theoretical_size(tmp_path, mode):
+    from ddq.models import create_model
+
+    if mode == "tiny":
+        model, _ = build_model("mixed")  # about 1.1k weights, 5 layers
+    else:  # about 31k weights, 5 layers, 4 bits in the middle, 8 at the ends
+        torch.manual_seed(0)
+        kwargs = {"num_classes": 10, "in_channels": 1, "width": 24}
+        model = create_model("small_cnn", **kwargs)
+        images = torch.randn(16, 1, 28, 28)
+        settle_batchnorm(model, images)
+        cfg = ddq.DDQConfig(
+            weight=ddq.QuantizerConfig(mode=mode),
+            activation=ddq.QuantizerConfig(mode=mode, signed=None),
+        )
+        ddq.prepare(model, cfg, example_inputs=images[:1])
+        state = model.ddq_state
+        for name, layer in quantized_layers(model):
+            if name not in (state.first, state.last):
+                layer.weight_quantizer.set_bits(4)
+                layer.input_quantizer.set_bits(4)
+        ddq.calibrate(model, [images])
+        model.ddq_arch = {"name": "small_cnn", "kwargs": kwargs}
+    info = export(model, tmp_path / "small.safetensors")
+    assert info.artifact_bytes <= 1.05 * info.theoretical_bytes + SMALL_MODEL_SLACK, str(info)
+    # The manifest is what made small files big (version 2: about 3 KB here).
+    manifest, _ = read_artifact(info.path)
+    assert len(manifest.to_json()) < len(manifest.to_json(2)) / 2
+
+
+def test_load_builds_the_architecture_with_the_factory_passed(tmp_path, monkeypatch):
+    import ddq.deploy.loader as loader
+
+    def no_registry(arch):
+        raise AssertionError("the registry is needed only when no factory is passed")
+
+    monkeypatch.setattr(loader, "registry_factory", no_registry)
+    net, x = build_model("mixed")
+    arch = {"name": "tiny", "kwargs": {"in_channels": 3}}
+    info = export(net, tmp_path / "f.safetensors", arch=arch)
+    seen = []
+
+    def factory(recorded):
+        seen.append(recorded)
+        return TinyNet(**recorded["kwargs"])
+
+    runtime = ddq.load(info.path, model_factory=factory)
+    assert seen == [arch]
+    with torch.no_grad():
+        assert torch.equal(runtime(x), net(x))
+    with pytest.raises(ValueError, match="not both"):
+        ddq.load(info.path, model=net, model_factory=factory)
+    with pytest.raises(ValueError, match=r"f\.safetensors: model_factory returned a str"):
+        ddq.load(info.path, model_factory=lambda recorded: "tiny")
+
+    def broken(recorded):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match=r"f\.safetensors: cannot build.*'tiny'.*boom"):
+        ddq.load(info.path, model_factory=broken)
+
+
 def test_export_refuses_unprepared_or_uncalibrated_models(tmp_path):
     with pytest.raises(ValueError, match="not prepared"):
         export(TinyNet(), tmp_path / "x.safetensors")
@@ -328,3 +399,19 @@ def test_cli_export_writes_a_checked_artifact_and_onnx(tmp_path, monkeypatch, ca
     if importlib.util.find_spec("onnxruntime") is not None:
         assert f"ONNX Runtime on {len(x)} test images" in printed
         assert "accuracy 100.00% (PyTorch)" in printed
+
+
+def test_deploy_files_import_no_private_names():
+    """One concern per file in ddq.deploy, sharing only public names."""
+    import ast
+    from pathlib import Path
+
+    import ddq.deploy
+
+    found = []
+    for path in sorted(Path(ddq.deploy.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                found += [f"{path.name}: {node.module}.{n}" for n in private if n != "__version__"]
+    assert not found, found

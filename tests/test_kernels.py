@@ -376,9 +376,10 @@ def test_per_channel_weights_float32_depthwise_and_pointwise() -> None:
     torch.testing.assert_close(y, ref.float())
 
 
-def test_doctests() -> None:
-    failures, _ = doctest.testmod(kernels, verbose=False)
-    assert failures == 0
+@pytest.mark.parametrize("family", [kernels.integer, kernels.lut])
+def test_doctests(family) -> None:
+    failures, tried = doctest.testmod(family, verbose=False)
+    assert failures == 0 and tried > 0
 
 
 # ---------------------------------------------------------------------------------------------

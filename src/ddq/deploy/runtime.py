@@ -1,7 +1,7 @@
-"""The deploy runtime: modules that execute a ddq artifact, and ``load``.
+"""The deploy runtime: the modules that execute a ddq artifact.
 
-``load`` rebuilds the architecture (from the registry name in the manifest, or from a model
-instance you pass), checks that it matches the artifact, and swaps in these modules:
+:func:`ddq.deploy.loader.load` rebuilds the architecture, checks that it matches the
+artifact, and swaps in these modules:
 
 * :class:`PackedLinear`, :class:`PackedConv1d`, :class:`PackedConv2d`: hold the packed
   ``b``-bit weight indices and the level table (plus scale/zero point in uniform mode, and
@@ -29,34 +29,30 @@ Two kernels (``load(..., kernel=...)`` or :func:`set_kernel`):
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantizer import DDQQuantizer
-from .artifact import _conv_params, decode_weight, read_artifact
+from .freeze import decode_weight
 from .kernels import int_conv2d, int_linear, lut_conv2d, lut_linear
-from .manifest import BATCHNORM_KEY, TABLES_KEY, LayerSpec, Manifest, QuantSpec, index_key
+from .manifest import TABLES_KEY, LayerSpec, QuantSpec, index_key
 from .packing import unpack_bits
 
 __all__ = [
     "KERNELS",
     "ChannelAffine",
     "FrozenActivationQuantizer",
+    "PackedConv",
     "PackedConv1d",
     "PackedConv2d",
+    "PackedLayer",
     "PackedLinear",
-    "build_runtime",
-    "load",
     "set_kernel",
 ]
 
 KERNELS = ("float", "reference")
-_LAYER_CLASSES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Linear": nn.Linear}
 
 
 class FrozenActivationQuantizer(nn.Module):
@@ -119,8 +115,11 @@ class ChannelAffine(nn.Module):
         return f"channels={self.scale.numel()}"
 
 
-class _PackedLayer(nn.Module):
-    """Shared state of the packed layers: indices, tables, bias, input quantizer, kernel."""
+class PackedLayer(nn.Module):
+    """Shared state of the packed layers: indices, tables, bias, input quantizer, kernel.
+
+    The base of :class:`PackedLinear` and :class:`PackedConv` (public so that the ONNX
+    export can recognise and translate every packed layer)."""
 
     weight: torch.Tensor
 
@@ -185,7 +184,7 @@ class _PackedLayer(nn.Module):
         )
 
 
-class PackedLinear(_PackedLayer):
+class PackedLinear(PackedLayer):
     """Deploy ``Linear``: packed ``b``-bit weight codes + table, optional frozen input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,8 +204,11 @@ class PackedLinear(_PackedLayer):
         )
 
 
-class _PackedConv(_PackedLayer):
-    _dims = 2
+class PackedConv(PackedLayer):
+    """The packed convolutions' shared code; ``dims`` (1 or 2) and ``pads`` (nn.Conv's
+    explicit (left, right) pads, last dimension first) describe the geometry."""
+
+    dims = 2
 
     def __init__(
         self, spec: LayerSpec, tensors: dict[str, torch.Tensor], name: str, like: nn.Module
@@ -221,12 +223,12 @@ class _PackedConv(_PackedLayer):
         self.groups = int(conv["groups"])
         self.padding_mode = conv["padding_mode"]
         # nn.Conv's own explicit (left, right) pads, last dimension first; "same" included.
-        self._pads = tuple(like._reversed_padding_repeated_twice)
+        self.pads = tuple(like._reversed_padding_repeated_twice)
 
     def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        fn = F.conv1d if self._dims == 1 else F.conv2d
+        fn = F.conv1d if self.dims == 1 else F.conv2d
         if self.padding_mode != "zeros":  # as nn.Conv*d does it
-            x = F.pad(x, self._pads, mode=self.padding_mode)
+            x = F.pad(x, self.pads, mode=self.padding_mode)
             return fn(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
         return fn(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -240,7 +242,7 @@ class _PackedConv(_PackedLayer):
         integer = self._integer_path()
         src = self.input_quantizer.indices(x).double() if integer else self._input(x)  # type: ignore[union-attr]
         zero = float(self.input_quantizer.spec.zero_point) if integer else 0.0  # type: ignore[union-attr]
-        pads = self._pads
+        pads = self.pads
         symmetric = all(pads[i] == pads[i + 1] for i in range(0, len(pads), 2))
         if self.padding_mode == "zeros" and symmetric:
             padding = tuple(reversed(pads[::2]))
@@ -252,9 +254,9 @@ class _PackedConv(_PackedLayer):
                 if mode == "constant"
                 else F.pad(src, pads, mode=mode)
             )
-            padding = (0,) * self._dims
+            padding = (0,) * self.dims
         codes, stride, dilation = self._codes, self.stride, self.dilation
-        if self._dims == 1:  # lower conv1d to conv2d with a height-1 kernel
+        if self.dims == 1:  # lower conv1d to conv2d with a height-1 kernel
             src, codes = src.unsqueeze(-2), codes.unsqueeze(-2)
             stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
         if integer:
@@ -268,19 +270,19 @@ class _PackedConv(_PackedLayer):
                 src, codes, self.weight_table, self.bias, stride, padding, dilation, self.groups,
                 w_scale=self.weight_scale,
             )  # fmt: skip
-        return y.squeeze(-2) if self._dims == 1 else y
+        return y.squeeze(-2) if self.dims == 1 else y
 
 
-class PackedConv1d(_PackedConv):
+class PackedConv1d(PackedConv):
     """Deploy ``Conv1d`` (grouped/depthwise too): packed weight codes + table."""
 
-    _dims = 1
+    dims = 1
 
 
-class PackedConv2d(_PackedConv):
+class PackedConv2d(PackedConv):
     """Deploy ``Conv2d`` (grouped/depthwise too): packed weight codes + table."""
 
-    _dims = 2
+    dims = 2
 
 
 def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
@@ -290,154 +292,16 @@ def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
         >>> set_kernel(ddq.load("model.ddq.safetensors"), "reference")  # doctest: +SKIP
     """
     for m in model.modules():
-        if isinstance(m, _PackedLayer):
+        if isinstance(m, PackedLayer):
             m.set_kernel(kernel)
     return model
 
 
-# ------------------------------------------------------------------------- building
-def _submodule(model: nn.Module, name: str, source: str) -> nn.Module:
-    try:
-        return model.get_submodule(name)
-    except AttributeError as e:
-        raise ValueError(
-            f"{source}: the architecture does not match the artifact: it has no module {name!r}"
-        ) from e
+def __getattr__(name: str) -> Any:
+    # ``load`` and ``build_runtime`` moved to ddq.deploy.loader; they stay importable from
+    # here (imported lazily: the loader imports this module).
+    if name in ("load", "build_runtime"):
+        from . import loader
 
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
-def _check_layer(mod: nn.Module, spec: LayerSpec, name: str, source: str) -> None:
-    def mismatch(what: str) -> ValueError:
-        return ValueError(
-            f"{source}: the architecture does not match the artifact: layer {name!r} {what}"
-        )
-
-    if not isinstance(mod, _LAYER_CLASSES[spec.type]):
-        raise mismatch(f"is a {type(mod).__name__}, the artifact has a {spec.type}")
-    shape = tuple(mod.weight.shape)
-    if shape != spec.weight_shape:
-        raise mismatch(f"has weight shape {shape}, the artifact {spec.weight_shape}")
-    if (getattr(mod, "bias", None) is not None) != spec.bias:
-        raise mismatch("differs in having a bias")
-    if spec.conv is not None and _conv_params(mod) != spec.conv:
-        raise mismatch(f"has conv settings {_conv_params(mod)}, the artifact {spec.conv}")
-
-
-def _make_layer(
-    mod: nn.Module, spec: LayerSpec, tensors: dict[str, torch.Tensor], name: str
-) -> _PackedLayer:
-    if spec.type == "Linear":
-        return PackedLinear(spec, tensors, name)
-    cls = PackedConv1d if spec.type == "Conv1d" else PackedConv2d
-    return cls(spec, tensors, name, mod)
-
-
-@torch.no_grad()
-def build_runtime(
-    model: nn.Module,
-    manifest: Manifest,
-    tensors: dict[str, torch.Tensor],
-    kernel: str = "float",
-    source: str = "artifact",
-) -> nn.Module:
-    """Turn ``model`` (the architecture, modified in place) into the deploy runtime.
-
-    Quantized layers become packed layers, BatchNorms :class:`ChannelAffine`, and every
-    other tensor is loaded from the artifact. Errors are ``ValueError`` naming ``source``.
-
-    Example:
-        >>> manifest, tensors = read_artifact(path)  # doctest: +SKIP
-        >>> runtime = build_runtime(create_model("resnet18"), manifest, tensors)  # doctest: +SKIP
-    """
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
-    for name, spec in manifest.layers.items():
-        mod = _submodule(model, name, source)
-        _check_layer(mod, spec, name, source)
-        _set_submodule(model, name, _make_layer(mod, spec, tensors, name))
-    for name, bn in manifest.batchnorm.items():
-        mod = _submodule(model, name, source)
-        if not isinstance(mod, nn.modules.batchnorm._BatchNorm) or mod.num_features != bn.channels:
-            raise ValueError(
-                f"{source}: the architecture does not match the artifact: {name!r} is "
-                f"{type(mod).__name__}, the artifact has a BatchNorm of {bn.channels} channels"
-            )
-        scale, bias = bn.split(tensors[BATCHNORM_KEY])
-        _set_submodule(model, name, ChannelAffine(scale.clone(), bias.clone()))
-    leftover = [n for n, m in model.named_modules() if isinstance(m, DDQQuantizer)]
-    if leftover:
-        raise ValueError(
-            f"{source}: the architecture does not match the artifact: quantizers "
-            f"{leftover[:5]} belong to layers the artifact stores in float; pass the float "
-            "architecture (or the model that was exported)"
-        )
-    replaced = tuple(n + "." for n in [*manifest.layers, *manifest.batchnorm])
-    state = model.state_dict()
-    wanted = {k for k in state if not k.startswith(replaced)}
-    stored = set(manifest.float_tensors)
-    if wanted != stored:
-        raise ValueError(
-            f"{source}: the architecture does not match the artifact: float tensors missing "
-            f"from the artifact {sorted(wanted - stored)[:5]}, not in the architecture "
-            f"{sorted(stored - wanted)[:5]}"
-        )
-    for key in manifest.float_tensors:
-        target, value = state[key], tensors[key]
-        if target.shape != value.shape or target.dtype != value.dtype:
-            raise ValueError(
-                f"{source}: the architecture does not match the artifact: {key!r} is "
-                f"{target.dtype} {tuple(target.shape)} in the model, {value.dtype} "
-                f"{tuple(value.shape)} in the artifact"
-            )
-        target.copy_(value)
-    if hasattr(model, "ddq_state"):
-        del model.ddq_state  # the result is no longer a prepared (trainable) model
-    model.ddq_manifest = manifest
-    set_kernel(model, kernel)
-    return model.eval()
-
-
-def _architecture(manifest: Manifest, source: str) -> nn.Module:
-    arch = manifest.architecture
-    if arch is None:
-        raise ValueError(
-            f"{source}: the artifact records no architecture; pass model= (an instance of "
-            "the architecture it was exported from)"
-        )
-    from ..models import create_model
-
-    try:
-        return create_model(arch["name"], **arch.get("kwargs", {}))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: cannot build the recorded architecture {arch}: {e}") from e
-
-
-def load(path: str | Path, model: nn.Module | None = None, kernel: str = "float") -> nn.Module:
-    """Load a ddq artifact as an executable model (eval mode), without unpickling anything.
-
-    Args:
-        path: the file written by ``ddq.export``.
-        model: an instance of the architecture (float or prepared; it is copied, not
-            modified); by default the model is built from the registry name in the manifest.
-            The result is on the CPU (``.to(device)`` it).
-        kernel: ``"float"`` (decoded weights, fast) or ``"reference"`` (the integer/LUT
-            kernels of ``ddq.deploy.kernels``).
-
-    Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: naming the file and the problem (corrupted, truncated, unknown format
-            version, manifest/tensor disagreement, architecture mismatch).
-
-    Example:
-        >>> runtime = load("run/model.ddq.safetensors")  # doctest: +SKIP
-        >>> logits = runtime(images)  # doctest: +SKIP
-    """
-    manifest, tensors = read_artifact(path)
-    template: Any = (
-        copy.deepcopy(model).cpu() if model is not None else _architecture(manifest, str(path))
-    )
-    return build_runtime(template, manifest, tensors, kernel=kernel, source=str(path))
+        return getattr(loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
