@@ -105,7 +105,9 @@ def build_model(
         layer.weight_quantizer.set_bits(wb)
         layer.weight_quantizer.init_from(layer.weight)  # range for the new bitwidth
         layer.input_quantizer.set_bits(ab)
-    ddq.calibrate(net, [torch.randn(16, 3, 12, 12) for _ in range(2)])
+    # Keep the randomised BatchNorm statistics (folding must be exercised with arbitrary
+    # values); calibration would otherwise re-estimate them from these random images.
+    ddq.calibrate(net, [torch.randn(16, 3, 12, 12) for _ in range(2)], reestimate_bn=False)
     return net.eval(), x
 
 
