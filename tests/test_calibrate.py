@@ -89,3 +89,19 @@ def test_mse_calibration_fits_activations_better_than_percentiles():
     assert errs["mse"] < errs["percentile"]
     with pytest.raises(ValueError, match="method"):
         ddq.calibrate(_net(), _batches(), method="minmax")
+
+
+def test_keyword_inputs_calibrate():
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, *, features: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.fc(features)))
+
+    net = ddq.prepare(Keyword(), ddq.DDQConfig(first_last_bits="learn"))
+    batches = [{"features": torch.randn(8, 4)} for _ in range(2)]
+    assert ddq.calibrate(net, batches) == 2
+    assert bool(net.head.input_quantizer.initialized)

@@ -44,9 +44,10 @@ def calibrate(
     (BENCHMARKS.md, start quality). ``batches`` is iterated a second time for it, or, if
     it is a one-shot iterator, the inputs of the first pass are kept.
 
-    Batches may be tensors, tuples of positional inputs, or ``(inputs, target)`` pairs
-    from a ``DataLoader`` (the first element is used). Quantizers observe their inputs
-    without quantizing them, so each layer sees float activations, and under DDP the
+    Batches may be tensors, tuples of positional inputs, dicts of keyword inputs, or
+    ``(inputs, target)`` pairs from a ``DataLoader`` (the first element is used).
+    Quantizers observe their inputs without quantizing them, so each layer sees float
+    activations, and under DDP the
     statistics are all-reduced so every process gets the same ranges.
 
     The model runs as it will in training: BatchNorm normalises with batch statistics
@@ -95,7 +96,7 @@ def calibrate(
             if seen >= num_batches:
                 break
             inputs = _inputs_of(batch)
-            model(*as_args(inputs))
+            _run(model, inputs)
             if kept is not None:
                 kept.append(inputs)
             seen += 1
@@ -128,6 +129,13 @@ def calibrate(
     if reestimate_bn:
         reestimate_batchnorm(model, batches if kept is None else kept, num_batches)
     return sum(bool(q.initialized) for q in targets)
+
+
+def _run(model: nn.Module, inputs: Any) -> Any:
+    """Call ``model`` with a tensor, a tuple of positional inputs or a dict of keywords."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*as_args(inputs))
 
 
 def _inputs_of(batch: Any) -> Any:
@@ -170,7 +178,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches: 
         for batch in batches:
             if seen >= num_batches:
                 break
-            model(*as_args(_inputs_of(batch)))
+            _run(model, _inputs_of(batch))
             seen += 1
         if seen and dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
