@@ -47,13 +47,14 @@ def calibrate(
     Batches may be tensors, tuples of positional inputs, dicts of keyword inputs, or
     ``(inputs, target)`` pairs from a ``DataLoader`` (the first element is used).
     Quantizers observe their inputs without quantizing them, so each layer sees float
-    activations, and under DDP the
-    statistics are all-reduced so every process gets the same ranges.
+    activations, and under DDP the statistics are combined so every process gets the
+    same ranges.
 
     The model runs as it will in training: BatchNorm normalises with batch statistics
     (ranges observed with running statistics can be far off for a model whose statistics
-    are stale, e.g. freshly initialised, and every layer would then clip), while its
-    running statistics are restored afterwards and dropout is off.
+    are stale, e.g. freshly initialised, and every layer would then clip), its running
+    statistics are restored after this float pass (then re-estimated, see above), and
+    dropout is off.
 
     Returns:
         The number of input quantizers calibrated from data.
