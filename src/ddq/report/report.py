@@ -135,7 +135,8 @@ def _markdown(
     md += ["## Conventions", ""]
     md += [f"- {k}: {v}" for k, v in tot["conventions"].items()]
     md += [
-        "- size counts quantized weights at their bits and every other parameter at 32 bits",
+        "- size counts quantized weights at their bits, every other parameter and every "
+        "per-channel weight scale at 32 bits",
         "- BitOps = sum over conv/linear layers of MACs x weight bits x activation bits",
         "",
     ]
@@ -144,8 +145,9 @@ def _markdown(
     if actions:
         md.append(
             f"After the learning phase the model was adjusted by {len(actions)} bit(s) "
-            "(bits closed: lowest gate logit first; bits reopened: largest first-order "
-            "gain per unit of budget; the loss change column is the first-order estimate):"
+            "(bits closed: lowest gate logit first; then the slack is spent, reopening the "
+            "highest-logit closed bit that fits until none does; the loss change column is "
+            "the first-order estimate):"
         )
         md += ["", "| quantizer | bits | est. loss change | budget change |", "|---|---|---|---|"]
         md += [
