@@ -20,7 +20,7 @@ def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
     num_batches: int = 8,
-    method: str = "percentile",
+    method: str = "mse",
     keep_ranges: bool = False,
     reestimate_bn: bool = True,
 ) -> int:
@@ -29,10 +29,10 @@ def calibrate(
     Every quantizer is (re-)initialised, so a stray forward before calibration (a quick
     "does it run" call on zeros after ``prepare``, which initialises input ranges from
     that batch) cannot leave collapsed ranges behind; ``keep_ranges=True`` calibrates only
-    the quantizers that were never initialised. ``method`` is ``"percentile"`` (levels
-    spread evenly over the mean 0.01%/99.99% quantiles; the default, the better start in
-    BENCHMARKS.md) or ``"mse"`` (MSE-searched step or Lloyd levels on a subsample of the
-    observed inputs).
+    the quantizers that were never initialised. ``method`` is ``"mse"`` (MSE-searched
+    step or Lloyd levels on a subsample of the observed inputs; the default, the better
+    start in BENCHMARKS.md once BatchNorm is re-estimated) or ``"percentile"`` (levels
+    spread evenly over the mean 0.01%/99.99% quantiles).
     A NaN or Inf in the data raises ``FloatingPointError`` naming the first layer whose
     input held it.
 

@@ -59,7 +59,7 @@ class TrainConfig:
             (one seed each), see BENCHMARKS.md.
         freeze_epochs: final epochs trained at fixed bits, after the budget fit.
         calib_batches: batches used to calibrate activation ranges.
-        calib_method: ``"percentile"`` (default) or ``"mse"``, see ``ddq.calibrate``.
+        calib_method: ``"mse"`` (default) or ``"percentile"``, see ``ddq.calibrate``.
         fit_batches: batches whose gate gradients rank bits in the budget fit.
         max_steps_per_epoch: cap on steps per epoch (quick runs and tests).
         seed: seeds data order, dropout and initialisation per epoch (resumable).
@@ -77,7 +77,7 @@ class TrainConfig:
     track_slack: float | None = None
     freeze_epochs: int = 1
     calib_batches: int = 8
-    calib_method: str = "percentile"
+    calib_method: str = "mse"
     fit_batches: int = 8
     max_steps_per_epoch: int | None = None
     seed: int = 0
