@@ -128,12 +128,14 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for label, hist in results.items():
+    for i, (label, hist) in enumerate(results.items()):
         ep = [h["epoch"] for h in hist]
-        axes[0].plot(ep, [h["median_vs_uniform"] for h in hist], marker="o", label=label)
-        axes[1].plot(ep, [h["median_levels_moved"] for h in hist], marker="o", label=f"levels, {label}")
-        axes[1].plot(ep, [h["median_weights_moved"] for h in hist], ls="--", label=f"weights, {label}")
-        axes[2].plot(ep, [h["acc"] for h in hist], marker="o", label=label)
+        c = f"C{i}"  # one colour per variant in every panel
+        axes[0].plot(ep, [h["median_vs_uniform"] for h in hist], marker="o", color=c, label=label)
+        axes[1].plot(ep, [h["median_levels_moved"] for h in hist], marker="o", color=c,
+                     label=f"{label}: levels (solid), weights (dashed)")  # fmt: skip
+        axes[1].plot(ep, [h["median_weights_moved"] for h in hist], ls="--", color=c)
+        axes[2].plot(ep, [h["acc"] for h in hist], marker="o", color=c, label=label)
     axes[0].axhline(1.0, color="gray", lw=0.8)
     axes[0].set(title="weight MSE / best clipped uniform (median layer)", xlabel="epoch")
     axes[1].set(title="relative change from the start (median layer)", xlabel="epoch")
