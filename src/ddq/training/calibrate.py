@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -78,58 +79,68 @@ def calibrate(
         for q in quantizers_of(model).values()
         if q not in weight_qs and (not keep_ranges or not bool(q.initialized))
     ]
-    modes = {m: m.training for m in model.modules()}
     bn_state = {
         m: {k: v.clone() for k, v in m.state_dict().items()}
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
     }
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.eval()
     for q in targets:
         q.start_calibration()
     seen = 0
     kept: list[Any] | None = [] if reestimate_bn and isinstance(batches, Iterator) else None
-    try:
-        for batch in batches:
-            if seen >= num_batches:
-                break
-            inputs = _inputs_of(batch)
-            _run(model, inputs)
-            if kept is not None:
-                kept.append(inputs)
-            seen += 1
-        if seen == 0:
-            raise ValueError("calibrate got no batches")
-        # Decide on the batches every process saw: a branch reached on one process only
-        # must still be fitted (from the gathered data) on all, or the gather would hang.
-        seen_by = torch.tensor(
-            [q._observer.batches if q._observer is not None else 0 for q in targets],
-            dtype=torch.float64,
-        )
-        if dist.is_available() and dist.is_initialized():
-            dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            seen_by = seen_by.to(dev)
-            dist.all_reduce(seen_by)
-            seen_by = seen_by.cpu()
-        for q, n in zip(targets, seen_by.tolist(), strict=True):
-            if q._observer is not None and n > 0:
-                q.finish_calibration(method)
-            else:  # a branch the calibration data never reached: initialise on first use
+    with training_without_dropout(model):
+        try:
+            for batch in batches:
+                if seen >= num_batches:
+                    break
+                inputs = _inputs_of(batch)
+                _run(model, inputs)
+                if kept is not None:
+                    kept.append(inputs)
+                seen += 1
+            if seen == 0:
+                raise ValueError("calibrate got no batches")
+            # Decide on the batches every process saw: a branch reached on one process only
+            # must still be fitted (from the gathered data) on all, or the gather would hang.
+            seen_by = torch.tensor(
+                [q._observer.batches if q._observer is not None else 0 for q in targets],
+                dtype=torch.float64,
+            )
+            if dist.is_available() and dist.is_initialized():
+                dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+                seen_by = seen_by.to(dev)
+                dist.all_reduce(seen_by)
+                seen_by = seen_by.cpu()
+            for q, n in zip(targets, seen_by.tolist(), strict=True):
+                if q._observer is not None and n > 0:
+                    q.finish_calibration(method)
+                else:  # a branch the calibration data never reached: initialise on first use
+                    q.calibrating = False
+                    q._observer = None
+        finally:
+            for q in targets:
                 q.calibrating = False
-                q._observer = None
-    finally:
-        for q in targets:
-            q.calibrating = False
-        for m, state in bn_state.items():
-            m.load_state_dict(state)
-        for m, t in modes.items():
-            m.training = t
+            for m, state in bn_state.items():
+                m.load_state_dict(state)
     if reestimate_bn:
         reestimate_batchnorm(model, batches if kept is None else kept, num_batches)
     return sum(bool(q.initialized) for q in targets)
+
+
+@contextlib.contextmanager
+def training_without_dropout(model: nn.Module) -> Iterator[None]:
+    """``model`` in training mode (BatchNorm on batch statistics) with dropout off, as
+    calibration runs it; every module's mode is restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
 
 
 def _run(model: nn.Module, inputs: Any) -> Any:
@@ -166,32 +177,26 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches: 
         return 0
     backup = {b: {k: v.clone() for k, v in b.state_dict().items()} for b in bns}
     momenta = {b: b.momentum for b in bns}
-    modes = {m: m.training for m in model.modules()}
-    model.train()
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.eval()
     for b in bns:
         b.reset_running_stats()
         b.momentum = None  # cumulative moving average
     seen = 0
-    try:
-        for batch in batches:
-            if seen >= num_batches:
-                break
-            _run(model, _inputs_of(batch))
-            seen += 1
-        if seen and dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size()
+    with training_without_dropout(model):
+        try:
+            for batch in batches:
+                if seen >= num_batches:
+                    break
+                _run(model, _inputs_of(batch))
+                seen += 1
+            if seen and dist.is_available() and dist.is_initialized():
+                world = dist.get_world_size()
+                for b in bns:
+                    for t in (b.running_mean, b.running_var):
+                        dist.all_reduce(t)
+                        t.div_(world)
+        finally:
             for b in bns:
-                for t in (b.running_mean, b.running_var):
-                    dist.all_reduce(t)
-                    t.div_(world)
-    finally:
-        for b in bns:
-            b.momentum = momenta[b]
-            if not seen:
-                b.load_state_dict(backup[b])
-        for m, t in modes.items():
-            m.training = t
+                b.momentum = momenta[b]
+                if not seen:
+                    b.load_state_dict(backup[b])
     return seen
