@@ -27,7 +27,9 @@ __all__ = [
     "fine_from_levels",
     "fit_table_and_scales",
     "lloyd_levels",
+    "nearest_index",
     "quantize_to_levels",
+    "table_mse",
     "uniform_grid",
     "uniform_quantize",
 ]
@@ -105,7 +107,7 @@ def best_uniform_step(
             err = _row_mse(rows, base * f, bits, signed)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_f = torch.where(better, f * torch.ones_like(base), best_f)
+            best_f = torch.where(better, f, best_f)
 
     width = 1.1 / coarse
     scan(torch.linspace(width, 1.1, coarse))
@@ -158,8 +160,9 @@ def lloyd_levels(
     Starts from ``init`` or, by default, from both the companding rule (level density
     proportional to ``p^(1/3)``) and the MSE-searched uniform grid, keeping the better
     result; Lloyd's iterations (on a sorted, strided sub-sample, with prefix sums) never
-    raise the error, so the result is at least as good as that uniform grid. With ``fix_zero`` the lowest level is pinned at 0
-    (non-negative data whose zeros must stay exact). Levels are made strictly increasing.
+    raise the error, so the result is at least as good as that uniform grid. With
+    ``fix_zero`` the lowest level is pinned at 0 (non-negative data whose zeros must stay
+    exact). Levels are made strictly increasing.
 
     Example:
         >>> lloyd_levels(torch.tensor([0.0, 0.1, 0.9, 1.0]), 2)
@@ -170,7 +173,8 @@ def lloyd_levels(
     if n == 0:
         raise ValueError("lloyd_levels: empty input")
     if init is None:
-        starts = [_companded_levels(xs, n_levels), _uniform_levels(xs, n_levels, fix_zero)]
+        codes, step = _uniform_start(xs, n_levels, fix_zero, channel_axis=None)
+        starts = [_companded_levels(xs, n_levels), codes.double() * float(step)]
         fits = [lloyd_levels(xs, n_levels, iters, fix_zero, s) for s in starts]
         errs = [float((quantize_to_levels(xs.float(), f) - xs.float()).square().mean()) for f in fits]
         return fits[errs.index(min(errs))]
@@ -194,13 +198,17 @@ def lloyd_levels(
     return _strictly_increasing(levels, xs).float()
 
 
-def _uniform_levels(xs: torch.Tensor, n_levels: int, fix_zero: bool) -> torch.Tensor:
-    """The MSE-searched uniform grid with ``n_levels`` levels (``n_levels`` a power of two)."""
+def _uniform_start(
+    x: torch.Tensor, n_levels: int, fix_zero: bool, channel_axis: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MSE-searched uniform grid with ``n_levels`` levels (a power of two), as its
+    integer codes ``qmin..qmax`` (float32) and its step (per channel along
+    ``channel_axis``, or one): a start that Lloyd's iterations can only improve."""
     bits = max(int(n_levels).bit_length() - 1, 1)
-    signed = not fix_zero and bool((xs < 0).any())
-    step = float(best_uniform_step(xs, bits, signed))
+    signed = not fix_zero and bool((x < 0).any())
     qmin, _ = uniform_grid(bits, signed)
-    return (torch.arange(n_levels, dtype=torch.float64) + qmin) * step
+    codes = torch.arange(n_levels, dtype=torch.float32) + qmin
+    return codes, best_uniform_step(x, bits, signed, channel_axis=channel_axis)
 
 
 def _companded_levels(xs: torch.Tensor, n_levels: int, bins: int = 2048) -> torch.Tensor:
@@ -263,22 +271,25 @@ def fit_table_and_scales(
     rows = _rows(w, 0)
     if scales is not None:  # a re-fit: start from the caller's scales
         return _alternate(rows, n_levels, rounds, fix_zero, scales.detach().float().cpu())
-    signed = not fix_zero and bool((rows < 0).any())
-    bits = max(int(n_levels).bit_length() - 1, 1)
-    uni_scales = best_uniform_step(rows, bits, signed, channel_axis=0)
-    qmin, _ = uniform_grid(bits, signed)
-    grid = torch.arange(n_levels, dtype=torch.float32) + qmin  # qmin = 0 when unsigned
+    grid, uni_scales = _uniform_start(rows, n_levels, fix_zero, channel_axis=0)
     candidates = [
         _alternate(rows, n_levels, rounds, fix_zero, rows.square().mean(1).sqrt()),
         # From the per-channel uniform grid: every step can only lower the error, so the
         # result is never worse than the best per-channel uniform grid.
         _alternate(rows, n_levels, rounds, fix_zero, uni_scales, grid),
     ]
-    errs = [_table_mse(rows, t, sc) for t, sc in candidates]
+    errs = [table_mse(rows, t, sc) for t, sc in candidates]
     return candidates[errs.index(min(errs))]
 
 
-def _table_mse(rows: torch.Tensor, table: torch.Tensor, scales: torch.Tensor) -> float:
+def table_mse(rows: torch.Tensor, table: torch.Tensor, scales: torch.Tensor) -> float:
+    """MSE of ``rows`` (one channel per row) quantized to ``table`` times each row's scale.
+
+    Example:
+        >>> rows = torch.tensor([[0.9, 2.2]])  # / 2 -> 0.45, 1.1 -> levels 0, 1 -> 0, 2
+        >>> round(table_mse(rows, torch.tensor([0.0, 1.0]), torch.tensor([2.0])), 4)
+        0.425
+    """
     q = quantize_to_levels(rows / scales[:, None], table) * scales[:, None]
     return float((q - rows).square().mean())
 

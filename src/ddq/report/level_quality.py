@@ -31,6 +31,7 @@ from ..quantizer.fitting import (
     fit_table_and_scales,
     lloyd_levels,
     quantize_to_levels,
+    table_mse,
     uniform_quantize,
 )
 
@@ -93,9 +94,7 @@ def _uniform_mse(rows: torch.Tensor, bits: int, signed: bool, per_channel: bool)
 @torch.no_grad()
 def _kmeans_mse(rows: torch.Tensor, bits: int, per_channel: bool) -> float:
     if per_channel and rows.shape[0] > 1:
-        table, scales = fit_table_and_scales(rows, 2**bits)
-        q = quantize_to_levels(rows / scales[:, None], table) * scales[:, None]
-        return float((q - rows).square().mean())
+        return table_mse(rows, *fit_table_and_scales(rows, 2**bits))
     levels = lloyd_levels(rows, 2**bits)
     return float((quantize_to_levels(rows, levels) - rows).square().mean())
 
