@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["RangeObserver"]
+__all__ = ["RangeObserver", "combine_processes", "has_nonfinite"]
 
 # Quantiles rather than min/max: one outlier activation in a calibration batch would
 # otherwise stretch the range and waste levels once the layer drops to few bits.
@@ -17,8 +17,15 @@ _MAX_SAMPLE = 1 << 20
 _KEEP_PER_BATCH = 1 << 15
 
 
-def _gathered(t: torch.Tensor, op: str) -> torch.Tensor:
-    """``t`` all-reduced (``op="sum"``) or all-gathered and concatenated (``"cat"``)."""
+def has_nonfinite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds a NaN or Inf: one cheap reduction first, the exact elementwise
+    test only when it trips (a finite sum can also overflow to Inf)."""
+    return not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all())
+
+
+def combine_processes(t: torch.Tensor, op: str) -> torch.Tensor:
+    """``t`` summed over processes (``op="sum"``) or gathered and concatenated (``"cat"``)
+    under DDP, on the CPU; ``t`` itself otherwise."""
     if not (dist.is_available() and dist.is_initialized()):
         return t
     dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
@@ -69,7 +76,7 @@ class RangeObserver:
         flat = x.detach().reshape(-1)
         if flat.numel() == 0:
             return
-        if not bool(torch.isfinite(flat).all()):
+        if has_nonfinite(flat):
             raise FloatingPointError(
                 f"{self.label}: calibration input contains NaN or Inf (it entered the network "
                 "at or before this layer); refusing to fit levels to it"
@@ -83,7 +90,7 @@ class RangeObserver:
 
     def result(self) -> tuple[float, float]:
         """The mean low and high quantile over all batches seen by every process."""
-        total = _gathered(self._sum.clone(), "sum")
+        total = combine_processes(self._sum.clone(), "sum")
         if total[2] == 0:
             raise RuntimeError(f"{self.label}: no calibration data was observed")
         return float(total[0] / total[2]), float(total[1] / total[2])
@@ -91,7 +98,7 @@ class RangeObserver:
     def sample(self) -> torch.Tensor:
         """The subsample of every batch seen by every process, as one 1-D tensor."""
         local = torch.cat(self._kept) if self._kept else torch.zeros(0)
-        out = _gathered(local, "cat")
+        out = combine_processes(local, "cat")
         if out.numel() == 0:
             raise RuntimeError(f"{self.label}: no calibration data was observed")
         return out

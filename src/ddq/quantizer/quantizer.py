@@ -14,7 +14,7 @@ from .fitting import best_uniform_step, fine_from_levels, fit_table_and_scales, 
 from .gates import ordered_gates
 from .lookup import AdaptiveIndexer, UniformIndexer, table_lookup
 from .merge import kronecker_merge
-from .observer import RangeObserver
+from .observer import RangeObserver, has_nonfinite
 
 __all__ = ["MODES", "DDQQuantizer"]
 
@@ -506,8 +506,7 @@ class DDQQuantizer(nn.Module):
         return f"quantizer {self.name!r}" if self.name else "DDQQuantizer"
 
     def _check_finite(self, x: torch.Tensor) -> None:
-        # One cheap reduction first; the exact elementwise test only when it trips.
-        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        if has_nonfinite(x):
             raise FloatingPointError(
                 f"{self._label()}: input contains NaN or Inf; refusing to quantize it "
                 "(it would poison the learned levels)"

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..conversion.macs import as_args
 from ..layers import QuantLayer, quantizers_of
+from ..quantizer.observer import combine_processes
 
 __all__ = ["calibrate"]
 
@@ -102,15 +103,13 @@ def calibrate(
                 raise ValueError("calibrate got no batches")
             # Decide on the batches every process saw: a branch reached on one process only
             # must still be fitted (from the gathered data) on all, or the gather would hang.
-            seen_by = torch.tensor(
-                [q._observer.batches if q._observer is not None else 0 for q in targets],
-                dtype=torch.float64,
+            seen_by = combine_processes(
+                torch.tensor(
+                    [q._observer.batches if q._observer is not None else 0 for q in targets],
+                    dtype=torch.float64,
+                ),
+                "sum",
             )
-            if dist.is_available() and dist.is_initialized():
-                dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-                seen_by = seen_by.to(dev)
-                dist.all_reduce(seen_by)
-                seen_by = seen_by.cpu()
             for q, n in zip(targets, seen_by.tolist(), strict=True):
                 if q._observer is not None and n > 0:
                     q.finish_calibration(method)
