@@ -90,6 +90,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,6 +224,18 @@ def _diff(d: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
         for k, v in d.items()
         if k not in default or type(default[k]) is not type(v) or default[k] != v
     }
+
+
+def _check_in_order(entries: Iterable[tuple[str, str, int, int]]) -> None:
+    """Version 3 omits offsets: each ``(label, what, offset, length)`` slice must start
+    where the previous one ended."""
+    at = 0
+    for label, what, offset, length in entries:
+        if offset != at:
+            raise ValueError(
+                f"{label}: version 3 stores {what}; its slice starts at {offset}, not {at}"
+            )
+        at += length
 
 
 def _most_common(dicts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -608,14 +621,10 @@ class Manifest:
                 d["c"] = c
         else:  # not the usual set of conventions: all of them
             d["C"] = self.conventions
-        at = 0
-        for name, spec in self.layers.items():
-            if spec.offset != at:
-                raise ValueError(
-                    f"layer {name!r}: version 3 stores the tables in layer order; its slice "
-                    f"starts at {spec.offset}, not {at}"
-                )
-            at += spec.tables_len
+        _check_in_order(
+            (f"layer {n!r}", "the tables in layer order", s.offset, s.tables_len)
+            for n, s in self.layers.items()
+        )
         if self.layers:
             specs = self.layers.values()
             w_default = _most_common([s.weight.to_dict(short=True) for s in specs])
@@ -624,14 +633,10 @@ class Manifest:
             d["d"] = {"w": w_default} if i_default is None else {"w": w_default, "i": i_default}
             d["l"] = {n: s.to_compact(w_default, i_default) for n, s in self.layers.items()}
         if self.batchnorm:
-            at = 0
-            for name, bn in self.batchnorm.items():
-                if bn.offset != at:
-                    raise ValueError(
-                        f"BatchNorm {name!r}: version 3 stores the BatchNorms in order; its "
-                        f"slice starts at {bn.offset}, not {at}"
-                    )
-                at += bn.channels
+            _check_in_order(
+                (f"BatchNorm {n!r}", "the BatchNorms in order", b.offset, b.channels)
+                for n, b in self.batchnorm.items()
+            )
             d["n"] = {n: b.channels for n, b in self.batchnorm.items()}
         if self.float_tensors:
             d["f"] = self.float_tensors

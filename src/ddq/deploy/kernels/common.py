@@ -70,20 +70,25 @@ def int_param(value: Scalar, size: int, name: str, device: torch.device) -> torc
     return per_channel(t, torch.int64, size, name)
 
 
+def check_linear_shapes(x: torch.Tensor, w_idx: torch.Tensor, x_name: str) -> tuple[int, int]:
+    """``(O, K)`` of a 2-D weight index, checked against the last dimension of ``x``."""
+    if w_idx.dim() != 2:
+        raise ValueError(f"w_idx must be 2-D (out_features, in_features), got {w_idx.dim()}-D")
+    o, k = w_idx.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"{x_name} last dimension must equal w_idx in_features={k}, got shape {tuple(x.shape)}"
+        )
+    return o, k
+
+
 def check_int_operands(
     x_idx: torch.Tensor, w_idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """Validate integer activation/weight index operands; return them with ``(O, K)``."""
     x_idx = check_int_tensor(x_idx, "x_idx")
     w_idx = check_int_tensor(w_idx, "w_idx")
-    if w_idx.dim() != 2:
-        raise ValueError(f"w_idx must be 2-D (out_features, in_features), got {w_idx.dim()}-D")
-    o, k = w_idx.shape
-    if x_idx.dim() < 1 or x_idx.shape[-1] != k:
-        raise ValueError(
-            f"x_idx last dimension must equal w_idx in_features={k}, got shape {tuple(x_idx.shape)}"
-        )
-    return x_idx, w_idx, o, k
+    return x_idx, w_idx, *check_linear_shapes(x_idx, w_idx, "x_idx")
 
 
 def per_channel(t: torch.Tensor, dtype: torch.dtype, size: int, name: str) -> torch.Tensor:

@@ -16,6 +16,7 @@ from .common import (
     Scalar,
     check_float_tensor,
     check_int_tensor,
+    check_linear_shapes,
     epilogue,
     float_param,
 )
@@ -158,13 +159,7 @@ def lut_linear(
     """
     x = check_float_tensor(x, "x")
     w_idx = check_int_tensor(w_idx, "w_idx")
-    if w_idx.dim() != 2:
-        raise ValueError(f"w_idx must be 2-D (out_features, in_features), got {w_idx.dim()}-D")
-    o, k = w_idx.shape
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(
-            f"x last dimension must equal w_idx in_features={k}, got shape {tuple(x.shape)}"
-        )
+    o, k = check_linear_shapes(x, w_idx, "x")
     if max_chunk_elements < 1:
         raise ValueError(f"max_chunk_elements must be >= 1, got {max_chunk_elements}")
     idx, table = _check_lut_args(w_idx, table, o, x)
