@@ -266,17 +266,29 @@ def test_train_ddq_logs_instead_of_printing(capsys, caplog):
 
 
 def test_no_print_calls_in_the_library():
-    # Printing on explicit request only: summary(print_table=True), export(verbose=True).
-    on_request = {"conversion/summary.py", "deploy/artifact.py"}
     found = []
     for path in sorted(SRC.rglob("*.py")):
         rel = path.relative_to(SRC).as_posix()
-        if rel.startswith("cli/") or rel in on_request:
+        if rel.startswith("cli/"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
                 found.append(f"{rel}:{node.lineno}")
     assert not found, found
+
+
+def test_summary_table_and_export_size_line_are_logged_on_request(tmp_path, capsys, caplog):
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    example = torch.zeros(1, 1, 8, 8)
+    ddq.prepare(net, DDQConfig(first_last_bits="learn"), example_inputs=example)
+    ddq.calibrate(net, [torch.randn(4, 1, 8, 8)])
+    with caplog.at_level(logging.INFO, logger="ddq"):
+        rows = ddq.summary(net, print_table=True)
+        info = ddq.export(net, tmp_path / "m.ddq.safetensors", verbose=True)
+    assert capsys.readouterr().out == ""
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(rows.table() in m and "conventions:" in m for m in messages)
+    assert str(info) in messages
 
 
 def test_cli_shows_the_per_epoch_lines_and_leaves_logging_as_it_was(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
@@ -9,6 +10,8 @@ from torch import nn
 from ..layers import QuantLayer
 from .macs import count_macs
 from .prepare import _is_depthwise, state_of
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["Summary", "summary"]
 
@@ -51,6 +54,8 @@ def summary(model: nn.Module, example_inputs: Any = None, print_table: bool = Fa
     Quantized layers and the conv/linear layers left float are listed in module
     (registration) order. ``macs`` is per sample, from ``example_inputs``
     if given, else from the example inputs given to ``prepare`` (``None`` if neither).
+    ``print_table=True`` also logs the table and the conventions (``logging``, INFO, the
+    ``ddq`` logger, which the CLI shows).
 
     Example:
         >>> rows = summary(prepared_model)            # doctest: +SKIP
@@ -98,6 +103,5 @@ def summary(model: nn.Module, example_inputs: Any = None, print_table: bool = Fa
             )
         rows.append(row)
     if print_table:
-        print(rows.table())
-        print("conventions:", state.conventions())
+        logger.info("%s\nconventions: %s", rows.table(), state.conventions())
     return rows

@@ -8,6 +8,7 @@ with the freezing helpers so that older imports keep working.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from ..atomic import atomic_write_bytes
 from .freeze import activation_thresholds, batchnorm_affine, decode_weight, freeze
 from .manifest import DIGEST_KEY, MANIFEST_KEY, checksum
 from .reader import read_artifact
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ArtifactInfo",
@@ -85,7 +88,7 @@ def export(
         arch: the architecture reference ``{"name": registry name, "kwargs": {...}}``
             recorded so that ``ddq.load(path)`` can rebuild the model; defaults to
             ``model.ddq_arch``; ``None`` means ``load`` needs a model instance.
-        verbose: print the size line (FP32 bytes, artifact bytes, ratio).
+        verbose: log the size line (FP32 bytes, artifact bytes, ratio) at INFO.
 
     Returns:
         An :class:`ArtifactInfo` with the sizes.
@@ -116,5 +119,5 @@ def export(
         avg_weight_bits=sizes["weight_bits"] / n,
     )
     if verbose:
-        print(info)
+        logger.info("%s", info)
     return info
