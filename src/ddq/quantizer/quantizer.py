@@ -535,14 +535,15 @@ class DDQQuantizer(nn.Module):
                 "a training step before evaluating"
             )
         g = self.gates()
-        total = float(g.detach().sum())  # the one host sync per call
+        # The one host sync per call: the bitwidth, with the bitwidth last fitted at.
+        total, fitted = torch.stack([g.detach().sum(), self.fit_bits.to(g.dtype)]).tolist()
         if not math.isfinite(total):
             raise FloatingPointError(
                 f"{self._label()}: gate logits are NaN or Inf (training diverged; a lower "
                 "learning rate or a larger bit floor may help)"
             )
         bits = int(total)
-        if self.refit_on_bits and bits != int(self.fit_bits):
+        if self.refit_on_bits and bits != int(fitted):
             self.init_from(x, keep_channel_scales=True)  # the best levels at the new bits
         q = self.fine_levels(bits)
         v = self._merge(_scale_grad(q, self._level_grad_factor(x.numel(), bits)), g, bits)
