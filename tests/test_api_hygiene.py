@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import ddq
 from ddq import Budget, DDQConfig, QuantizerConfig
 from ddq.cli.main import main
+from ddq.jobs import check_device
 from ddq.training import TrainConfig, train_ddq
-from ddq.training.pipeline import check_device
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "ddq"
 

@@ -48,8 +48,7 @@ def test_cost_model_equals_hand_count_on_small_cnn():
     assert (
         cm.size_bytes()
         == (
-            sum(n * b for n, b in zip(weights, bits_w, strict=True))
-            + (biases_and_bn + scales) * 32
+            sum(n * b for n, b in zip(weights, bits_w, strict=True)) + (biases_and_bn + scales) * 32
         )
         / 8
     )
@@ -75,9 +74,9 @@ def test_cost_model_on_resnet18_at_224():
     channels = sum(
         m.weight.shape[0] for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)
     )
-    assert cm.size_bytes() == (
-        conv_fc_weights * 8 + (n_params - conv_fc_weights + channels) * 32
-    ) / 8
+    assert (
+        cm.size_bytes() == (conv_fc_weights * 8 + (n_params - conv_fc_weights + channels) * 32) / 8
+    )
 
 
 def test_costs_are_differentiable_in_the_gates():

@@ -85,7 +85,7 @@ def test_settings_from_a_yaml_file_are_used_and_saved(tmp_path):
 
 
 def test_weights_are_per_channel_unless_per_tensor_is_asked_for(tmp_path, finished_run):
-    from ddq.training.pipeline import load_run
+    from ddq.jobs.run import load_run
 
     model, _ = load_run(finished_run)
     wq = dict(model.named_modules())["features.0.0"].weight_quantizer
@@ -97,7 +97,9 @@ def test_weights_are_per_channel_unless_per_tensor_is_asked_for(tmp_path, finish
     assert main(["quantize", *args]) == 0
     assert json.loads((out / "config.json").read_text())["ddq"]["weight"]["per_channel"] is False
     model, _ = load_run(out)
-    assert all(q.channels is None for n, q in model.named_modules() if n.endswith("weight_quantizer"))
+    assert all(
+        q.channels is None for n, q in model.named_modules() if n.endswith("weight_quantizer")
+    )
 
 
 @pytest.mark.parametrize(

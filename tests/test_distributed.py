@@ -24,7 +24,8 @@ LAUNCHER = textwrap.dedent(
 
     from ddq.cli.main import main
     from ddq.layers import quantizers_of
-    from ddq.training import loop, pipeline
+    from ddq.jobs import run as pipeline
+    from ddq.training import loop
 
     _train_ddq, _calibrate = pipeline.train_ddq, loop.calibrate
     calibrated = {}

@@ -374,7 +374,7 @@ def test_cli_export_writes_a_checked_artifact_and_onnx(tmp_path, monkeypatch, ca
 
     onnx = pytest.importorskip("onnx")
     from ddq.cli import export_cmd
-    from ddq.training import pipeline
+    from ddq.jobs import run as pipeline
 
     net, x = build_model("mixed")
     monkeypatch.setattr(pipeline, "load_run", lambda run_dir: (net, x))

@@ -121,7 +121,9 @@ def test_lloyd_levels_satisfy_the_optimality_conditions(n_levels, seed, skew):
     for j in range(n_levels):
         members = x[cell == j]
         if members.numel():
-            assert float(levels[j]) == pytest.approx(float(members.mean()), abs=2e-3 * float(x.std()))
+            assert float(levels[j]) == pytest.approx(
+                float(members.mean()), abs=2e-3 * float(x.std())
+            )
 
 
 def test_lloyd_beats_every_uniform_grid_and_pins_zero():

@@ -11,11 +11,10 @@ Example:
 """
 
 from .budget import Budget, CostModel
-from .conversion import DDQConfig, QuantizerConfig, prepare, summary
+from .conversion import DDQConfig, QuantizerConfig, calibrate, prepare, summary
 from .deploy import export, export_onnx, load
 from .layers import QuantConv1d, QuantConv2d, QuantLinear
 from .quantizer import DDQQuantizer
-from .training.calibrate import calibrate
 from .training.lifecycle import DDQTrainer, TrainConfig
 
 __version__ = "0.1.0"

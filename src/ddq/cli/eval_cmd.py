@@ -23,7 +23,7 @@ def add_parsers(sub: Any) -> None:
 def run_splits(run_dir: str | Path, data_root: str | None = None) -> tuple[Any, dict[str, Any]]:
     """The data splits a finished run was trained and tested on, and its saved config."""
     from ..data import create_dataset
-    from ..training.pipeline import RUN_CONFIG_FILE
+    from ..jobs.run import RUN_CONFIG_FILE
 
     path = Path(run_dir) / RUN_CONFIG_FILE
     if not path.is_file():
@@ -36,8 +36,8 @@ def run_splits(run_dir: str | Path, data_root: str | None = None) -> tuple[Any, 
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..data import make_loaders
+    from ..jobs.run import load_run
     from ..training.loop import evaluate
-    from ..training.pipeline import load_run
 
     model, _ = load_run(args.run_dir)
     splits, cfg = run_splits(args.run_dir, args.data_root)
@@ -48,8 +48,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
+    from ..jobs.run import RESULT_FILE, load_run
     from ..report import write_report
-    from ..training.pipeline import RESULT_FILE, load_run
 
     run_dir = Path(args.run_dir)
     model, _ = load_run(run_dir)

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..deploy import export, export_onnx, load
-    from ..training.pipeline import load_run
+    from ..jobs.run import load_run
 
     source = args.run_dir if args.run_dir.is_dir() else args.run_dir.parent
     model, example = load_run(source)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..training.pipeline import RunConfig, run_quantize
+from ..jobs.run import RunConfig, run_quantize
 from .config_file import read_settings
 
 __all__ = ["add_parser", "run"]

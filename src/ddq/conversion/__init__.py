@@ -1,5 +1,6 @@
-"""Model conversion: configuration, ``prepare`` and ``summary``."""
+"""Model conversion: configuration, ``prepare``, ``calibrate`` and ``summary``."""
 
+from .calibrate import calibrate, reestimate_batchnorm
 from .config import CONFIG_VERSION, DDQConfig, QuantizerConfig
 from .macs import count_macs, quantizers_disabled
 from .prepare import DDQState, prepare, state_of
@@ -11,9 +12,11 @@ __all__ = [
     "DDQState",
     "QuantizerConfig",
     "Summary",
+    "calibrate",
     "count_macs",
     "prepare",
     "quantizers_disabled",
+    "reestimate_batchnorm",
     "state_of",
     "summary",
 ]

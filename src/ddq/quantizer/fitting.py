@@ -176,7 +176,9 @@ def lloyd_levels(
         codes, step = _uniform_start(xs, n_levels, fix_zero, channel_axis=None)
         starts = [_companded_levels(xs, n_levels), codes.double() * float(step)]
         fits = [lloyd_levels(xs, n_levels, iters, fix_zero, s) for s in starts]
-        errs = [float((quantize_to_levels(xs.float(), f) - xs.float()).square().mean()) for f in fits]
+        errs = [
+            float((quantize_to_levels(xs.float(), f) - xs.float()).square().mean()) for f in fits
+        ]
         return fits[errs.index(min(errs))]
     csum = torch.cat([xs.new_zeros(1), torch.cumsum(xs, 0)])
     levels = init.detach().double().cpu().clone()
@@ -185,7 +187,9 @@ def lloyd_levels(
     for _ in range(iters):
         levels = _strictly_increasing(levels, xs)
         mid = (levels[1:] + levels[:-1]) * 0.5
-        pos = torch.cat([xs.new_zeros(1, dtype=torch.long), torch.searchsorted(xs, mid), torch.tensor([n])])
+        pos = torch.cat(
+            [xs.new_zeros(1, dtype=torch.long), torch.searchsorted(xs, mid), torch.tensor([n])]
+        )
         count = (pos[1:] - pos[:-1]).double()
         sums = csum[pos[1:]] - csum[pos[:-1]]
         new = torch.where(count > 0, sums / count.clamp(min=1), levels)

@@ -1,7 +1,6 @@
-"""Training: calibration, the DDQ lifecycle (``DDQTrainer``) and the loop over it with its
-budget constraint, checkpoints, the run pipeline."""
+"""Training: the DDQ lifecycle (``DDQTrainer``), the loop over it (``train_ddq``) with its
+budget constraint, optimizer groups, checkpoints and progress."""
 
-from .calibrate import calibrate
 from .checkpoint import load_checkpoint, save_checkpoint
 from .lifecycle import DDQTrainer, TrainConfig
 from .loop import TrainResult, evaluate, top1_accuracy, train_ddq, train_float
@@ -12,7 +11,6 @@ __all__ = [
     "DDQTrainer",
     "TrainConfig",
     "TrainResult",
-    "calibrate",
     "evaluate",
     "load_checkpoint",
     "save_checkpoint",

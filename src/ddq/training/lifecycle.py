@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from ..budget import Budget, BudgetConstraint, BudgetTracker, CostModel, FitAction, fit_to_budget
+from ..conversion.calibrate import calibrate
 from ..layers import quantizers_of
-from .calibrate import calibrate
 from .optim import DDQOptimizer
 
 __all__ = ["DDQTrainer", "TrainConfig"]

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..budget import Budget, FitAction
-from .calibrate import calibrate
+from ..conversion.calibrate import calibrate
 from .checkpoint import load_checkpoint, save_checkpoint
 from .lifecycle import DDQTrainer, TrainConfig
 from .progress import MetricsLog, progress

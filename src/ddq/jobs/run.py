@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +19,10 @@ from torch import nn
 from ..atomic import atomic_write_bytes
 from ..budget import Budget, CostModel
 from ..conversion import DDQConfig, prepare
-from .loop import TrainConfig, evaluate, train_ddq, train_float
+from ..training import TrainConfig, evaluate, train_ddq, train_float
+from .distributed import check_device, init_distributed
 
-__all__ = ["RunConfig", "check_device", "load_run", "run_quantize"]
+__all__ = ["RunConfig", "load_run", "run_quantize"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,50 +121,6 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
-def check_device(device: Any) -> torch.device:
-    """``device`` parsed and usable on this machine, or a ``ValueError`` naming it.
-
-    Example:
-        >>> check_device("cpu")
-        device(type='cpu')
-    """
-    if not isinstance(device, str | torch.device):
-        raise ValueError(f"device must be a string such as 'cpu' or 'cuda:0', got {device!r}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"unknown device {str(device)!r}: expected cpu, cuda[:N] or mps") from e
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} is not available: CUDA is not usable here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {str(device)!r} is not available: this machine has "
-                f"{torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {str(device)!r} is not available: MPS is not usable here")
-    elif dev.type != "cpu":
-        try:
-            torch.empty(1, device=dev)
-        except Exception as e:  # backend not built in, no driver, bad index ...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"device {str(device)!r} is not available: {first}") from e
-    return dev
-
-
-def _init_distributed(device: str) -> bool:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return dist.is_initialized()
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend)
-    if device.startswith("cuda"):
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return True
-
-
 def run_quantize(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Run the main job; returns the result dict that is also saved as ``result.json``.
 
@@ -183,7 +139,7 @@ def run_quantize(cfg: RunConfig, resume: bool = False) -> dict[str, Any]:
     run_dir = Path(cfg.out)
     budget, ddq_cfg, train_cfg = cfg.budget_obj(), cfg.ddq_config(), cfg.train_config()
     check_device(cfg.device)
-    distributed = _init_distributed(cfg.device)
+    distributed = init_distributed(cfg.device)
     main = not distributed or dist.get_rank() == 0
     splits, model, arch, example = _build(cfg)
     if cfg.weights:

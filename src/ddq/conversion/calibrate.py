@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..conversion.macs import as_args
 from ..layers import QuantLayer, quantizers_of
 from ..quantizer.observer import combine_processes
+from .macs import as_args
 
 __all__ = ["calibrate"]
 
