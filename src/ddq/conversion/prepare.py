@@ -11,6 +11,7 @@ from torch import nn
 from ..layers import QUANT_LAYERS, QuantLayer
 from .config import DDQConfig, QuantizerConfig
 from .macs import count_macs
+from .rewrite import rewrite_modules
 
 __all__ = ["DDQState", "prepare", "state_of"]
 
@@ -161,6 +162,9 @@ def prepare(
         raise ValueError("this model is already prepared")
     config = config or DDQConfig()
     config.validate()
+    # Modules that bypass their Linear/Conv children (attention, transposed Conv1D) first
+    # become equivalent modules that call them (see ``rewrite.py``).
+    rewrite_modules(model)
     _check_patterns(model, config)
 
     macs: dict[str, int] = {}

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..conversion.rewrite import rewrite_modules
 from ..quantizer import DDQQuantizer
 from .freeze import conv_params
 from .manifest import BATCHNORM_KEY, LayerSpec, Manifest
@@ -97,6 +98,7 @@ def build_runtime(
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    rewrite_modules(model)  # as prepare did, so module names match the artifact's
     for name, spec in manifest.layers.items():
         mod = _submodule(model, name, source)
         _check_layer(mod, spec, name, source)
