@@ -16,3 +16,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "heavy: torchvision-zoo checks of minutes each, run only when asked (-m heavy)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow and heavy torchvision-zoo checks run only when asked for with ``-m``: CI
+    runs the slow ones in a step of its own (``pytest -m slow
+    tests/test_torchvision_zoo.py``), so the default run (the README's command) leaves
+    them out rather than run them twice. Other ``slow`` tests stay in the default run."""
+    if config.option.markexpr:
+        return
+    zoo = [
+        item
+        for item in items
+        if item.path.name == "test_torchvision_zoo.py"
+        and (item.get_closest_marker("slow") or item.get_closest_marker("heavy"))
+    ]
+    if zoo:
+        config.hook.pytest_deselected(items=zoo)
+        dropped = set(zoo)
+        items[:] = [item for item in items if item not in dropped]

@@ -7,6 +7,10 @@
   not linear in the gates and are at most 2^b floats per layer).
 - BitOps: ``sum over conv/linear layers of MACs * b_w * b_a``; a float weight or input
   counts as 32 bits.
+- output quantizers (``DDQConfig.integer_graph``): activation quantizers on tensors that
+  no conv/linear multiplies (residual adds, pooling, the logits); they add no BitOps, are
+  capped by ``max_act_bits`` like the input quantizers, and are listed in
+  ``CostModel.output_quantizers`` (their bits by :meth:`CostModel.output_act_bits`).
 - average weight bits: ``sum n_w b_w / sum n_w`` over quantized layers, so 4.0 means the
   size of a uniform 4-bit model (fixed first/last layers included at their bits).
 """
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 
 from ..conversion.prepare import state_of
-from ..layers import QuantLayer
+from ..layers import QuantLayer, kind_of
 from ..quantizer import DDQQuantizer
 
 __all__ = ["CostModel", "LayerCost"]
@@ -65,7 +69,7 @@ class CostModel:
         state_of(model)  # raises if not prepared
         self.layers: list[LayerCost] = []
         for name, m in model.named_modules():
-            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear):
+            if kind_of(m) is not None:
                 macs = getattr(m, "macs", None)
                 if macs is None and isinstance(m, QuantLayer):
                     raise ValueError(
@@ -83,6 +87,10 @@ class CostModel:
             if id(p) not in quantized_weights and id(p) not in quantizer_params
         )
         self.quant_weight_elements = sum(lc.weight_elements for lc in self.layers if lc.quantized)
+        from ..conversion.output_quantizers import output_quantizers
+
+        #: integer_graph's output quantizers by module name (no MACs: no BitOps)
+        self.output_quantizers = output_quantizers(model)
         #: per-channel weight scales, stored at 32 bits each
         self.channel_scales = sum(
             lc.module.weight_quantizer.channels or 0 for lc in self.layers if lc.quantized
@@ -123,6 +131,10 @@ class CostModel:
                 num += lc.macs * float(lc.a_bits().detach())
                 den += lc.macs
         return num / den if den else float("nan")
+
+    def output_act_bits(self) -> dict[str, int]:
+        """Bits of each output quantizer (``integer_graph``), by module name."""
+        return {n: int(q.bits) for n, q in self.output_quantizers.items()}
 
     # -- BitOps
     def bitops(self) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers import LayerKind, kind_of
 from ..quantizer import DDQQuantizer
 
 __all__ = ["as_args", "count_macs", "quantizers_disabled"]
@@ -34,17 +34,9 @@ def quantizers_disabled(model: nn.Module) -> Iterator[None]:
             q.enabled = e
 
 
-def _layer_macs(module: nn.Module, out: torch.Tensor) -> int:
-    per_sample = out[0].numel() if out.dim() > 1 else out.numel()
-    if isinstance(module, nn.Linear):
-        return per_sample * module.in_features
-    assert isinstance(module, nn.Conv1d | nn.Conv2d)
-    return per_sample * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-
-
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs: Any) -> tuple[dict[str, int], list[str]]:
-    """MACs per sample of every ``Conv1d``/``Conv2d``/``Linear`` and their execution order.
+    """MACs per sample of every supported layer (``LAYER_KINDS``) and their execution order.
 
     Runs one forward pass in eval mode with quantizers off (BatchNorm statistics and
     quantizer state are left untouched). A layer called twice counts twice.
@@ -58,17 +50,18 @@ def count_macs(model: nn.Module, example_inputs: Any) -> tuple[dict[str, int], l
     order: list[str] = []
     hooks = []
 
-    def make_hook(name: str):
+    def make_hook(name: str, kind: LayerKind):
         def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
-            macs[name] = macs.get(name, 0) + _layer_macs(module, out)
+            macs[name] = macs.get(name, 0) + kind.macs(module, out)
             if name not in order:
                 order.append(name)
 
         return hook
 
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear):
-            hooks.append(m.register_forward_hook(make_hook(name)))
+        kind = kind_of(m)
+        if kind is not None:
+            hooks.append(m.register_forward_hook(make_hook(name, kind)))
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:

@@ -8,10 +8,10 @@ from typing import Any
 
 from torch import nn
 
-from ..layers import QUANT_LAYERS, QuantLayer
+from ..layers import QUANT_LAYERS, QuantLayer, is_depthwise
+from ..layers.rewrite import rewrite_modules
 from .config import DDQConfig, QuantizerConfig
 from .macs import count_macs
-from .rewrite import rewrite_modules
 
 __all__ = ["DDQState", "prepare", "state_of"]
 
@@ -37,6 +37,8 @@ class DDQState:
     first: str | None = None
     last: str | None = None
     example_shape: tuple[int, ...] | None = None
+    # integer_graph: module name -> the quantized layer whose output its quantizer follows
+    output_quantizers: dict[str, str] = field(default_factory=dict)
 
     def conventions(self) -> dict[str, Any]:
         """The disputed conventions, stated for every report."""
@@ -67,10 +69,6 @@ def state_of(model: nn.Module) -> DDQState:
     return state
 
 
-def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, nn.Conv1d | nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
-
-
 def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
@@ -87,7 +85,7 @@ def _resolve(
 ) -> tuple[QuantizerConfig | None, QuantizerConfig | None]:
     """Weight and input quantizer configs for one layer (see ``DDQConfig``)."""
     w, a = config.weight, config.activation
-    type_keys = [type(module).__name__] + (["depthwise"] if _is_depthwise(module) else [])
+    type_keys = [type(module).__name__] + (["depthwise"] if is_depthwise(module) else [])
     for key in type_keys:
         if key in config.by_type:
             ov = config.by_type[key]
@@ -116,7 +114,7 @@ def _check_patterns(model: nn.Module, config: DDQConfig) -> None:
         if not any(_matches(n, pattern) for n in names):
             raise ValueError(f"override/skip pattern {pattern!r} matches no module in the model")
     present = {type(m).__name__ for m in model.modules()}
-    if any(_is_depthwise(m) for m in model.modules()):
+    if any(is_depthwise(m) for m in model.modules()):
         present.add("depthwise")
     for key in config.by_type:
         if key not in present:
@@ -207,7 +205,9 @@ def prepare(
                 aq = a_cfg.build()
                 aq.name = f"{name}.input"
             layer = QUANT_LAYERS[type(module)].from_float(module, wq, aq)
-            layer.macs = macs.get(name)
+            # A layer the example never reached (GoogLeNet's auxiliary heads run only in
+            # training) costs nothing at inference: 0 MACs, not "unknown" (None).
+            layer.macs = macs.get(name, 0) if example_inputs is not None else None
             _set_submodule(model, name, layer)
             state.quantized.append(name)
         elif type(module) in QUANT_LAYERS:
@@ -236,5 +236,27 @@ def prepare(
             f"prepare found no layer to quantize: every {supported} layer is left float by "
             f"the config: {', '.join(why)}"
         )
+    if config.integer_graph:
+        state.output_quantizers = _attach_output_quantizers(model, config, state)
     model.ddq_state = state
     return model
+
+
+def _attach_output_quantizers(
+    model: nn.Module, config: DDQConfig, state: DDQState
+) -> dict[str, str]:
+    """``integer_graph``: activation quantizers on the outputs the integer graph needs
+    (``output_quantizers.py``), configured as the layer's input quantizer would be, with
+    the last layer's fixed bits for the last layer's output."""
+    from .output_quantizers import attach_output_quantizers
+
+    def build(layer: str) -> Any:
+        a = config.activation
+        fl = config.first_last_bits
+        if a is None:
+            return None
+        if layer == state.last and isinstance(fl, int):
+            a = a.replace("first_last_bits", bits=fl, max_bits=max(a.max_bits, fl))
+        return a.build()
+
+    return attach_output_quantizers(model, build)

@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from ..layers import QuantLayer
+from ..layers import QuantLayer, kind_of, role_of
 from .macs import count_macs
-from .prepare import _is_depthwise, state_of
+from .prepare import state_of
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +39,6 @@ class Summary(list):
         return self.table()
 
 
-def _kind(m: nn.Module) -> str:
-    if isinstance(m, nn.Linear):
-        return "linear"
-    if _is_depthwise(m):
-        return "depthwise"
-    k = m.kernel_size if isinstance(m, nn.Conv1d | nn.Conv2d) else ()
-    return "pointwise" if all(s == 1 for s in k) else "conv"
-
-
 def summary(model: nn.Module, example_inputs: Any = None, print_table: bool = False) -> Summary:
     """Per-layer name, type, parameters, MACs, weight/activation bits and mode.
 
@@ -67,14 +58,14 @@ def summary(model: nn.Module, example_inputs: Any = None, print_table: bool = Fa
     float_why = {n: why for n, _, why in state.float_layers}
     rows = Summary()
     for name, m in model.named_modules():
-        if not isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear) and name not in float_why:
+        if kind_of(m) is None and name not in float_why:
             continue
         params = sum(p.numel() for p in m.parameters(recurse=False))
         layer_macs = macs.get(name) if macs is not None else getattr(m, "macs", None)
         row: dict[str, Any] = {
             "name": name,
             "type": type(m).__name__.removeprefix("Quant"),
-            "kind": _kind(m),
+            "kind": role_of(m),
             "params": params,
             "weight_elements": m.weight.numel() if hasattr(m, "weight") else 0,
             "macs": layer_macs,

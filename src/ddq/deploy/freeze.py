@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conversion.output_quantizers import output_quantizers
 from ..conversion.prepare import state_of
-from ..layers import QuantLayer
+from ..layers import QuantLayer, kind_of
 from ..quantizer import DDQQuantizer
 from .manifest import (
     BATCHNORM_KEY,
+    OUTPUTS_KEY,
     TABLES_KEY,
     BatchNormSpec,
     LayerSpec,
@@ -215,15 +217,17 @@ def _check_quantizer(q: DDQQuantizer | None, what: str) -> None:
 
 
 def layer_type(m: nn.Module) -> str:
-    for kind in (nn.Conv1d, nn.Conv2d, nn.Linear):
-        if isinstance(m, kind):
-            return kind.__name__
-    raise ValueError(f"unsupported quantized layer type {type(m).__name__}")
+    """The manifest's type name of ``m`` (its row of ``LAYER_KINDS``)."""
+    kind = kind_of(m)
+    if kind is None:
+        raise ValueError(f"unsupported quantized layer type {type(m).__name__}")
+    return kind.name
 
 
 def conv_params(m: nn.Module) -> dict[str, Any] | None:
     """All five conv settings as the manifest spells them (``None`` for ``Linear``)."""
-    if not isinstance(m, nn.Conv1d | nn.Conv2d):
+    kind = kind_of(m)
+    if kind is None or not kind.is_conv:
         return None
     padding = m.padding if isinstance(m.padding, str) else list(m.padding)
     return {
@@ -332,8 +336,10 @@ def freeze(
     was_training = model.training
     model.eval()
     try:
-        quantizer_prefixes = [
-            n + "." for n, m in model.named_modules() if isinstance(m, DDQQuantizer)
+        quantizer_prefixes = [  # a quantizer shared by two owners (integer_graph) twice
+            n + "."
+            for n, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, DDQQuantizer)
         ]
         tensors: dict[str, torch.Tensor] = {}
         layers: dict[str, LayerSpec] = {}
@@ -358,6 +364,17 @@ def freeze(
                 consumed.append(name + ".")
         if table_parts:
             tensors[TABLES_KEY] = torch.cat(table_parts)
+        # integer_graph's output quantizers: thresholds and levels, like an input's.
+        outputs: dict[str, QuantSpec] = {}
+        output_parts: list[torch.Tensor] = []
+        for name, q in output_quantizers(model).items():
+            _check_quantizer(q, f"output quantizer of {name!r}")
+            thresholds, levels = activation_thresholds(q)
+            outputs[name] = _quant_spec(q, levels)
+            output_parts += [thresholds, levels]
+            n_tables += thresholds.numel() + levels.numel()
+        if output_parts:
+            tensors[OUTPUTS_KEY] = torch.cat(output_parts)
         if affine_parts:
             tensors[BATCHNORM_KEY] = torch.cat(affine_parts, dim=1)
         # The theoretical size: b bits per weight, 4 bytes per table entry (levels,
@@ -387,6 +404,7 @@ def freeze(
         batchnorm=batchnorm,
         float_tensors=float_names,
         producer=f"ddq {__version__}",
+        outputs=outputs,
     )
     manifest.checksums = {k: checksum(t) for k, t in manifest.stored_tensors(tensors).items()}
     sizes = {

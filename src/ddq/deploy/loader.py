@@ -16,14 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..conversion.rewrite import rewrite_modules
+from ..conversion.output_quantizers import add_output_quantizer, remove_output_quantizers
+from ..layers import kind_named
+from ..layers.rewrite import rewrite_modules
 from ..quantizer import DDQQuantizer
 from .freeze import conv_params
-from .manifest import BATCHNORM_KEY, LayerSpec, Manifest
+from .manifest import BATCHNORM_KEY, OUTPUTS_KEY, LayerSpec, Manifest
 from .reader import read_artifact
 from .runtime import (
     KERNELS,
     ChannelAffine,
+    FrozenActivationQuantizer,
     PackedConv1d,
     PackedConv2d,
     PackedLayer,
@@ -36,7 +39,6 @@ __all__ = ["ModelFactory", "build_runtime", "load", "registry_factory", "set_sub
 # Builds the architecture from the manifest's record ``{"name": ..., "kwargs": {...}}``
 # (``None`` when the artifact records none).
 ModelFactory = Callable[[dict[str, Any] | None], nn.Module]
-_LAYER_CLASSES = {"Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Linear": nn.Linear}
 
 
 def _submodule(model: nn.Module, name: str, source: str) -> nn.Module:
@@ -59,7 +61,7 @@ def _check_layer(mod: nn.Module, spec: LayerSpec, name: str, source: str) -> Non
             f"{source}: the architecture does not match the artifact: layer {name!r} {what}"
         )
 
-    if not isinstance(mod, _LAYER_CLASSES[spec.type]):
+    if not isinstance(mod, kind_named(spec.type).float_type):
         raise mismatch(f"is a {type(mod).__name__}, the artifact has a {spec.type}")
     shape = tuple(mod.weight.shape)
     if shape != spec.weight_shape:
@@ -73,9 +75,10 @@ def _check_layer(mod: nn.Module, spec: LayerSpec, name: str, source: str) -> Non
 def _make_layer(
     mod: nn.Module, spec: LayerSpec, tensors: dict[str, torch.Tensor], name: str
 ) -> PackedLayer:
-    if spec.type == "Linear":
+    dims = kind_named(spec.type).spatial_dims
+    if dims == 0:
         return PackedLinear(spec, tensors, name)
-    cls = PackedConv1d if spec.type == "Conv1d" else PackedConv2d
+    cls = {1: PackedConv1d, 2: PackedConv2d}[dims]
     return cls(spec, tensors, name, mod)
 
 
@@ -99,6 +102,9 @@ def build_runtime(
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     rewrite_modules(model)  # as prepare did, so module names match the artifact's
+    # A prepared template carries its own (training) output quantizers; the artifact's
+    # frozen ones replace them below.
+    remove_output_quantizers(model)
     for name, spec in manifest.layers.items():
         mod = _submodule(model, name, source)
         _check_layer(mod, spec, name, source)
@@ -138,6 +144,12 @@ def build_runtime(
                 f"{tuple(value.shape)} in the artifact"
             )
         target.copy_(value)
+    if manifest.outputs:
+        parts = manifest.split_outputs(tensors[OUTPUTS_KEY])
+        for name, spec in manifest.outputs.items():
+            thresholds, levels = parts[name]
+            frozen = FrozenActivationQuantizer(spec, thresholds.clone(), levels.clone())
+            add_output_quantizer(_submodule(model, name, source), frozen)
     if hasattr(model, "ddq_state"):
         del model.ddq_state  # the result is no longer a prepared (trainable) model
     model.ddq_manifest = manifest

@@ -18,6 +18,9 @@ Tensors (``L`` a quantized layer's module name):
   becomes level ``j`` = the number of thresholds strictly below ``x``.
 * ``ddq.batchnorm`` -- float32 ``(2, sum C)``: every BatchNorm as a per-channel scale
   (row 0) and bias (row 1), ``y = x * scale + bias``, in manifest order.
+* ``ddq.outputs`` -- float32, 1-D, only when the model has output quantizers
+  (``DDQConfig.integer_graph``): each one's ``2**b - 1`` thresholds then ``2**b`` levels,
+  in the order of the manifest's ``"o"``.
 * every other entry of the model's state dict (layers ddq left float, LayerNorm, ...)
   under its own name and dtype.
 
@@ -39,6 +42,8 @@ Manifest (compact JSON, no spaces; short keys; defaults and derivable values lef
                "i": {fields that differ from d.i},     # input quantizer; null: float
                "k": {"s": 2, "p": 1, "g": 32}}},       # non-default conv settings
      "n": {B: C},                                      # BatchNorms and their channels
+     "o": {M: {quantizer fields}},                     # output quantizers (absent: none):
+                                                       # module M's output is quantized
      "f": [names of the float tensors],
      "h": "16 hex digits of BLAKE2b-64 per stored tensor, concatenated"}
 
@@ -97,6 +102,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..layers.kinds import LAYER_KINDS
 from .packing import packed_nbytes
 
 __all__ = [
@@ -108,6 +114,7 @@ __all__ = [
     "INDICES_KEY",
     "LAYER_TYPES",
     "MANIFEST_KEY",
+    "OUTPUTS_KEY",
     "READ_VERSIONS",
     "TABLES_KEY",
     "BatchNormSpec",
@@ -130,9 +137,11 @@ TABLES_KEY = "ddq.tables"
 BATCHNORM_KEY = "ddq.batchnorm"
 # Version 3 stores every layer's packed indices in this one tensor, in layer order.
 INDICES_KEY = "ddq.indices"
-LAYER_TYPES = ("Conv1d", "Conv2d", "Linear")
+# Output quantizers (integer_graph): thresholds and levels, one after the other.
+OUTPUTS_KEY = "ddq.outputs"
+LAYER_TYPES = tuple(k.name for k in LAYER_KINDS)
 _MODES = ("adaptive", "uniform")
-_RANK = {"Conv1d": 3, "Conv2d": 4, "Linear": 2}
+_RANK = {k.name: k.weight_rank for k in LAYER_KINDS}
 _TYPE_OF_RANK = {rank: kind for kind, rank in _RANK.items()}
 # Version 3 stores only the conventions that differ from these (frozen with the format:
 # ddq 0.1's defaults; first_layer and last_layer are always stored).
@@ -584,6 +593,17 @@ class Manifest:
     checksums: dict[str, str] = field(default_factory=dict)
     producer: str = "ddq"
     format_version: int = FORMAT_VERSION
+    #: output quantizers (``integer_graph``): module name -> its output's quantizer
+    outputs: dict[str, QuantSpec] = field(default_factory=dict)
+
+    def split_outputs(self, values: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``ddq.outputs`` as ``{module: (thresholds, levels)}`` (views), in manifest order."""
+        out, at = {}, 0
+        for name, spec in self.outputs.items():
+            n = spec.levels
+            out[name] = (values[at : at + n - 1], values[at + n - 1 : at + 2 * n - 1])
+            at += 2 * n - 1
+        return out
 
     def to_json(self, version: int = FORMAT_VERSION) -> str:
         """Compact JSON (no spaces: the manifest is part of the artifact's size).
@@ -597,6 +617,11 @@ class Manifest:
         return json.dumps(d, separators=(",", ":"), allow_nan=False)
 
     def _to_v2(self, version: int) -> dict[str, Any]:
+        if self.outputs:
+            raise ValueError(
+                f"manifest version {version} cannot describe output quantizers "
+                "(integer_graph); write version 3"
+            )
         return {
             "format": FORMAT_NAME,
             "format_version": version,
@@ -638,6 +663,8 @@ class Manifest:
                 for n, b in self.batchnorm.items()
             )
             d["n"] = {n: b.channels for n, b in self.batchnorm.items()}
+        if self.outputs:
+            d["o"] = {n: q.to_dict(short=True) for n, q in self.outputs.items()}
         if self.float_tensors:
             d["f"] = self.float_tensors
         names = list(self.expected_tensors(3))
@@ -681,7 +708,7 @@ class Manifest:
     @classmethod
     def _from_v3(cls, d: dict[str, Any], source: str) -> Manifest:
         unknown = sorted(
-            set(d) - {"format", "format_version", "p", "a", "c", "C", "d", "l", "n", "f", "h"}
+            set(d) - {"format", "format_version", "p", "a", "c", "C", "d", "l", "n", "o", "f", "h"}
         )
         if unknown:
             raise _fail(source, f"manifest has unknown fields {unknown}")
@@ -711,10 +738,17 @@ class Manifest:
             channels = _count(raw_bn, name, source, "n", 1)
             batchnorm[name] = BatchNormSpec(channels, at)
             at += channels
+        raw_out = _get(d, "o", dict, source, "root") if "o" in d else {}
+        outputs = {
+            n: QuantSpec.from_dict(q, source, f"o[{n!r}]", short=True) for n, q in raw_out.items()
+        }
+        if any(q.per_channel for q in outputs.values()):
+            raise _fail(source, "manifest output quantizers cannot be per-channel")
         floats = _get(d, "f", list, source, "root") if "f" in d else []
         if not all(isinstance(v, str) for v in floats):
             raise _fail(source, "manifest float names must be strings")
         manifest = cls(
+            outputs=outputs,
             architecture=arch,
             conventions=conventions,
             layers=layers,
@@ -796,6 +830,9 @@ class Manifest:
                 torch.float32,
                 (2, sum(b.channels for b in self.batchnorm.values())),
             )
+        if self.outputs:
+            total = sum(2 * q.levels - 1 for q in self.outputs.values())
+            out[OUTPUTS_KEY] = (torch.float32, (total,))
         reserved = set(out) | {index_key(n) for n in self.layers}
         for name in self.float_tensors:
             if name in reserved:

@@ -64,8 +64,8 @@ def unregister_rewrite(name: str) -> None:
 
 
 def _load_builtin_rewrites() -> None:
-    # The layer modules register their rewrites on import; importing here (not at module
-    # level) keeps ``conversion`` free of an import cycle with ``layers``.
+    # ``attention.py`` and ``hf_conv1d.py`` register their rewrites when ``ddq.layers`` is
+    # imported; importing it here makes sure they are in before any rewrite runs.
     from .. import layers  # noqa: F401
 
 
