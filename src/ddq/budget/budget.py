@@ -170,16 +170,19 @@ class Budget:
         (fixed bits) is left as it is and stated in reports.
         """
         if self.max_act_bits is not None:
-            for m in model.modules():
-                if isinstance(m, QuantLayer) and m.input_quantizer is not None:
-                    q = m.input_quantizer
-                    if int(q.floor) < int(q.ceiling) and int(q.ceiling) > self.max_act_bits:
-                        if self.max_act_bits < int(q.floor):
-                            raise ValueError(
-                                f"max_act_bits={self.max_act_bits} is below the min_bits "
-                                f"({int(q.floor)}) of {q.name!r}"
-                            )
-                        q.set_max_bits_cap(self.max_act_bits)
+            from ..conversion.output_quantizers import output_quantizers
+
+            act_qs = [m.input_quantizer for m in model.modules() if isinstance(m, QuantLayer)]
+            # integer_graph's output quantizers are activation quantizers too.
+            act_qs += [q for q in output_quantizers(model).values() if isinstance(q, DDQQuantizer)]
+            for q in act_qs:
+                if q is not None and int(q.floor) < int(q.ceiling) > self.max_act_bits:
+                    if self.max_act_bits < int(q.floor):
+                        raise ValueError(
+                            f"max_act_bits={self.max_act_bits} is below the min_bits "
+                            f"({int(q.floor)}) of {q.name!r}"
+                        )
+                    q.set_max_bits_cap(self.max_act_bits)
         with _all_at_floor(model):
             smallest = float(self.measure(cm).detach())
         if smallest > self.target(cm) * (1 + 1e-9):

@@ -81,7 +81,9 @@ def calibrate(
         if q not in weight_qs and (not keep_ranges or not bool(q.initialized))
     ]
     bn_state = {
-        m: {k: v.clone() for k, v in m.state_dict().items()}
+        # The BatchNorm's own state only: an output quantizer child (integer_graph) is
+        # calibrated here and must not be rolled back with the statistics.
+        m: {k: v.clone() for k, v in m.state_dict().items() if "." not in k}
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
     }
@@ -120,7 +122,7 @@ def calibrate(
             for q in targets:
                 q.calibrating = False
             for m, state in bn_state.items():
-                m.load_state_dict(state)
+                m.load_state_dict(state, strict=False)
     if reestimate_bn:
         reestimate_batchnorm(model, batches if kept is None else kept, num_batches)
     return sum(bool(q.initialized) for q in targets)
@@ -174,7 +176,7 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches: 
     ]
     if not bns:
         return 0
-    backup = {b: {k: v.clone() for k, v in b.state_dict().items()} for b in bns}
+    backup = {b: {k: v.clone() for k, v in b.state_dict().items() if "." not in k} for b in bns}
     momenta = {b: b.momentum for b in bns}
     for b in bns:
         b.reset_running_stats()
@@ -197,5 +199,5 @@ def reestimate_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches: 
             for b in bns:
                 b.momentum = momenta[b]
                 if not seen:
-                    b.load_state_dict(backup[b])
+                    b.load_state_dict(backup[b], strict=False)
     return seen

@@ -152,6 +152,13 @@ class DDQConfig:
             the last one: an int fixes their weight and input bits there (default 8);
             ``"learn"`` treats them like any layer; ``"float"`` leaves them unquantized.
         quantize_network_input: quantize the input of the first layer (the image itself).
+        integer_graph: also quantize the outputs that reach a residual add, a
+            concatenation, a pooling, a flatten or the model output straight from a
+            quantized layer (through BatchNorm and activations), so that an exported graph
+            runs every conv and matrix product as an integer kernel
+            (``ddq.conversion.output_quantizers``; needs ``activation``). Off by default:
+            it pays only for uniform activations exported to an integer runtime, and
+            artifact format versions 1 and 2 cannot hold these quantizers.
 
     Example:
         >>> cfg = DDQConfig(by_type={"depthwise": {"weight": {"min_bits": 4}}})
@@ -168,6 +175,7 @@ class DDQConfig:
     skip: list[str] = field(default_factory=list)
     first_last_bits: int | str = 8
     quantize_network_input: bool = True
+    integer_graph: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad key and saying what is wrong."""
@@ -192,6 +200,8 @@ class DDQConfig:
             raise ValueError(
                 f"first_last_bits must be an integer in 1..8, 'learn' or 'float', got {fl!r}"
             )
+        if not isinstance(self.integer_graph, bool):
+            raise ValueError(f"integer_graph must be true or false, got {self.integer_graph!r}")
         if not isinstance(self.quantize_network_input, bool):
             raise ValueError(
                 f"quantize_network_input must be true or false, got {self.quantize_network_input!r}"

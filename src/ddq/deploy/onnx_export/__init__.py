@@ -23,6 +23,10 @@ Per quantizer mode (opset 20 by default, 18..23; nothing outside the default ONN
   steps of ``Gather``/``Greater``/``Where`` (O(N b) work, never N x 2**b), then
   ``Gather`` on the table.
 * BatchNorm not folded: per-channel ``Mul`` and ``Add``.
+* output quantizers (``DDQConfig(integer_graph=True)``): a ``QuantizeLinear``/
+  ``DequantizeLinear`` pair on the module's output, like an input quantizer; where it is
+  also a reader's input quantizer, the reader's second pair is dropped (same grid, exact),
+  so ONNX Runtime fuses every conv, matmul and residual add into integer kernels.
 
 The graph is captured with ``torch.onnx.export(..., dynamo=True)``; the deploy modules are
 swapped for thin modules that call custom ops (``ddq_onnx::*``) with their own ONNX
@@ -31,7 +35,8 @@ decomposition would produce.
 
 Files, one concern each: :mod:`.ops` (the custom ops and their ONNX translations),
 :mod:`.layers` (per-layer handlers: each deploy module in its exportable form),
-:mod:`.passes` (graph passes: BatchNorm folding, clamps onto integer codes),
+:mod:`.passes` (graph passes: BatchNorm folding, clamps onto integer codes, dropping a
+requantization to the same grid),
 :mod:`.export` (the entry point, :func:`export_onnx`).
 """
 

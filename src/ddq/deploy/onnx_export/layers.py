@@ -15,13 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...conversion.output_quantizers import (
+    OUTPUT_QUANTIZER,
+    add_output_quantizer,
+    output_quantizers,
+)
 from ..freeze import freeze
+from ..int8_codes import adaptive_to_int8
 from ..loader import build_runtime, set_submodule
 from ..manifest import QuantSpec
 from ..runtime import ChannelAffine, FrozenActivationQuantizer, PackedConv, PackedLayer
 from . import ops  # noqa: F401  (registers the ddq_onnx ops)
 
 __all__ = [
+    "ADAPTIVE_WEIGHTS",
     "OnnxActivation",
     "OnnxAffine",
     "OnnxLayer",
@@ -62,12 +69,33 @@ class OnnxActivation(nn.Module):
         return torch.ops.ddq_onnx.threshold_quantize(x, self.thresholds, self.table, s.bits)
 
 
-class OnnxLayer(nn.Module):
-    """A packed layer as ONNX-exportable ops (see the module docstring)."""
+#: How adaptive weights export: ``"table"`` (Gather on the levels: exact, float conv),
+#: ``"int8"`` (levels mapped onto per-channel int8 grids: integer conv, mapping error) or
+#: ``"auto"`` (int8 where the layer's input is uniform, i.e. where the conv can run on
+#: integers; table elsewhere).
+ADAPTIVE_WEIGHTS = ("auto", "int8", "table")
 
-    def __init__(self, layer: PackedLayer) -> None:
+
+def _int8_weights(layer: PackedLayer, adaptive_weights: str) -> bool:
+    if layer.spec.weight.mode != "adaptive" or adaptive_weights == "table":
+        return False
+    if adaptive_weights == "int8":
+        return True
+    q = layer.spec.input
+    return q is not None and q.mode == "uniform"
+
+
+class OnnxLayer(nn.Module):
+    """A packed layer as ONNX-exportable ops (see the module docstring).
+
+    ``int8_mapping`` is the relative RMSE of the int8 form of adaptive weights (``None``
+    when the layer exports exactly).
+    """
+
+    def __init__(self, layer: PackedLayer, adaptive_weights: str = "auto") -> None:
         super().__init__()
         self.spec = layer.spec
+        self.int8_mapping: float | None = None
         self.is_conv = isinstance(layer, PackedConv)
         if self.is_conv:
             self.dims = layer.dims
@@ -82,7 +110,16 @@ class OnnxLayer(nn.Module):
         channels = self.spec.weight_shape[0]
         axis0 = (channels,) + (1,) * (len(self.spec.weight_shape) - 1)
         self.w_scale: torch.Tensor | None
-        if w.mode == "uniform":
+        self.int8 = _int8_weights(layer, adaptive_weights)
+        if self.int8:
+            # The fast path: learned levels onto per-channel int8 grids (int8_codes.py);
+            # the graph then holds the same DequantizeLinear pattern as uniform weights.
+            mapped = adaptive_to_int8(layer.weight_table, codes, layer.weight_scale)
+            self.int8_mapping = mapped.relative_rmse
+            self.register_buffer("codes", mapped.codes)
+            self.register_buffer("w_scale", mapped.scale.expand(channels).clone())
+            self.register_buffer("w_zero_point", torch.zeros(channels, dtype=torch.int8))
+        elif w.mode == "uniform":
             zero, lo, _ = grid_container(w, signed=w.signed)
             container = torch.int8 if w.signed else torch.uint8
             self.register_buffer("codes", (codes.to(torch.int16) + lo).to(container))
@@ -113,7 +150,7 @@ class OnnxLayer(nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         w = self.spec.weight
-        if w.mode == "uniform" and self.w_scale is not None:
+        if (w.mode == "uniform" or self.int8) and self.w_scale is not None:
             weight = torch.ops.ddq_onnx.dequantize_per_channel(
                 self.codes, self.w_scale, self.w_zero_point
             )
@@ -145,8 +182,15 @@ class OnnxAffine(nn.Module):
         return x * self.scale + self.bias
 
 
-def to_export_form(runtime: nn.Module, args: tuple[Any, ...]) -> nn.Module:
-    """A copy of the deploy runtime with every deploy module in its ONNX form."""
+def to_export_form(
+    runtime: nn.Module, args: tuple[Any, ...], adaptive_weights: str = "auto"
+) -> nn.Module:
+    """A copy of the deploy runtime with every deploy module in its ONNX form
+    (``adaptive_weights``: see :data:`ADAPTIVE_WEIGHTS`)."""
+    if adaptive_weights not in ADAPTIVE_WEIGHTS:
+        raise ValueError(
+            f"adaptive_weights must be one of {ADAPTIVE_WEIGHTS}, got {adaptive_weights!r}"
+        )
     ranks: dict[str, int] = {}
     hooks = [
         m.register_forward_pre_hook(lambda _m, inp, name=n: ranks.__setitem__(name, inp[0].dim()))
@@ -161,10 +205,19 @@ def to_export_form(runtime: nn.Module, args: tuple[Any, ...]) -> nn.Module:
             h.remove()
     form = copy.deepcopy(runtime)
     for name, m in list(form.named_modules()):
+        new: nn.Module | None = None
         if isinstance(m, PackedLayer):
-            set_submodule(form, name, OnnxLayer(m))
+            new = OnnxLayer(m, adaptive_weights)
         elif isinstance(m, ChannelAffine):
-            set_submodule(form, name, OnnxAffine(m, ranks.get(name, 4)))
+            new = OnnxAffine(m, ranks.get(name, 4))
+        if new is not None:
+            set_submodule(form, name, new)
+            q = m._modules.get(OUTPUT_QUANTIZER)
+            if q is not None:  # integer_graph: the output quantizer moves with its module
+                add_output_quantizer(new, q)
+    for name, q in output_quantizers(form).items():
+        if isinstance(q, FrozenActivationQuantizer):
+            add_output_quantizer(form.get_submodule(name), OnnxActivation(q))
     return form.eval()
 
 

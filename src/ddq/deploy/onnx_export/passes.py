@@ -4,6 +4,9 @@
   scale and the conv bias.
 * :func:`clamps_to_integer`: a float ``Relu``/``Clip`` feeding a ``QuantizeLinear`` moved
   onto the integer codes, so ONNX Runtime can fuse the conv.
+* :func:`drop_requantize`: ``DequantizeLinear -> QuantizeLinear`` with the same scale and
+  zero point (a tensor's output quantizer that is also its reader's input quantizer,
+  ``integer_graph``) becomes the codes themselves, exactly.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Graph", "clamps_to_integer", "fold_batchnorm"]
+__all__ = ["Graph", "clamps_to_integer", "drop_requantize", "fold_batchnorm"]
 
 
 class Graph:
@@ -176,3 +179,41 @@ def clamps_to_integer(g: Graph) -> int:
         g.graph.remove(clamp, safe=True)
         moved += 1
     return moved
+
+
+def _same(g: Graph, a: Any, b: Any) -> bool:
+    x, y = g.const(a), g.const(b)
+    return x is not None and y is not None and x.dtype == y.dtype and np.array_equal(x, y)
+
+
+def drop_requantize(g: Graph) -> int:
+    """``Q(DQ(c, s, z), s, z)`` -> ``c``, then a ``Clip`` of codes already clipped at least
+    as tightly -> its input. Exact: ``round((c - z) s / s) + z == c`` for 8-bit codes."""
+    dropped = 0
+    for q in list(g.graph):
+        if q.op_type != "QuantizeLinear" or len(q.inputs) < 3 or q.outputs[0].is_graph_output():
+            continue
+        dq = q.inputs[0].producer()
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.inputs) < 3:
+            continue
+        if "axis" in dq.attributes or not (
+            _same(g, dq.inputs[1], q.inputs[1]) and _same(g, dq.inputs[2], q.inputs[2])
+        ):
+            continue
+        q.outputs[0].replace_all_uses_with(dq.inputs[0])
+        g.graph.remove(q, safe=True)
+        dropped += 1
+    for clip in list(g.graph):
+        if clip.op_type != "Clip" or len(clip.inputs) < 3:
+            continue
+        inner = clip.inputs[0].producer()
+        if inner is None or inner.op_type != "Clip" or len(inner.inputs) < 3:
+            continue
+        bounds = [g.const(v) for v in (*clip.inputs[1:3], *inner.inputs[1:3])]
+        if any(b is None for b in bounds) or clip.outputs[0].is_graph_output():
+            continue
+        lo, hi, inner_lo, inner_hi = (b.item() for b in bounds)  # type: ignore[union-attr]
+        if lo <= inner_lo and hi >= inner_hi:
+            clip.outputs[0].replace_all_uses_with(clip.inputs[0])
+            g.graph.remove(clip, safe=True)
+    return dropped
