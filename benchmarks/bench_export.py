@@ -16,14 +16,22 @@ prepared, set to fixed bits, and calibrated: post-training quantization):
    kernels; and without graph optimisation, i.e. plain QDQ in float), against the
    fake-quantized PyTorch model on the test images: max and mean |ORT - PyTorch| divided
    by max |PyTorch output|, top-1 agreement, and both test accuracies.
-3. **Latency**: ONNX Runtime time per batch of the uniform 4-bit QDQ model against the
-   FP32 ONNX model of the same network. Every repeat runs both sessions (alternating
-   order) for a few iterations; the medians over the repeats give the ratio. One intra-op
-   thread by default: on a small shared machine, waiting for a busy core makes
-   multi-threaded timings meaningless (``--threads`` changes it).
+   Uniform models are prepared with ``DDQConfig(integer_graph=True)`` (output quantizers
+   where the integer graph needs them; ``docs/deploy.md``).
+3. **Latency at 224x224** (``--latency-models``; torchvision architectures, 3 channels,
+   1000 classes, random weights with BatchNorm statistics from random images, since only
+   time is measured): the FP32 ONNX export, ddq's integer export (uniform, 8-bit and 4-bit
+   weights and activations, first/last layer 8-bit, ``integer_graph=True``, calibrated on
+   random images), and ONNX Runtime's own flow on the same FP32 graph
+   (``quant_pre_process`` then ``quantize_static``: QDQ, per-channel int8 weights, uint8
+   activations, MinMax on the same random images). Batch 1 and 32, 1 and 2 intra-op
+   threads; within one setting every repeat runs all sessions (alternating order), and the
+   ratio to FP32 is of the medians. Also: file sizes, and the integer kernels in ONNX
+   Runtime's optimized graph (``SessionOptions.optimized_model_filepath``) against the
+   convs and matrix products of the model.
 
 Usage:
-    PYTHONPATH=src python benchmarks/bench_export.py            # full (about 10 minutes)
+    PYTHONPATH=src python benchmarks/bench_export.py            # full (about 30 minutes)
     PYTHONPATH=src python benchmarks/bench_export.py --quick    # smoke run
 
 Writes ``export.json`` and ``export.md`` to ``--out-dir`` (default
@@ -58,6 +66,8 @@ except ImportError:  # run from a checkout without PYTHONPATH=src
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import ddq
 
+from ddq.conversion.output_quantizers import output_quantizers
+from ddq.conversion.presets import preset
 from ddq.data import create_dataset
 from ddq.deploy import export, export_onnx
 from ddq.layers import QuantLayer
@@ -67,6 +77,7 @@ MODELS = ("resnet18", "mobilenet_v2")
 SIZE_BITS = (4, 2)
 ONNX_BITS = (8, 4)  # agreement; the latency is measured on the 4-bit uniform model
 INTEGER_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger")
+FLOAT_PRODUCTS = ("Conv", "FusedConv", "NchwcConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
 
 
 def _images(n_train: int, n_test: int) -> tuple[torch.Tensor, ...]:
@@ -119,6 +130,7 @@ def _quantized(
     cfg = ddq.DDQConfig(
         weight=ddq.QuantizerConfig(mode=mode),
         activation=ddq.QuantizerConfig(mode=mode, signed=None),
+        integer_graph=mode == "uniform",  # adaptive exports as Gather: no integer kernels
     )
     ddq.prepare(model, cfg, example_inputs=batches[0][:1])
     state = model.ddq_state
@@ -127,6 +139,9 @@ def _quantized(
             m.weight_quantizer.set_bits(bits)
             if m.input_quantizer is not None:
                 m.input_quantizer.set_bits(bits)
+    for name, q in output_quantizers(model).items():
+        if state.output_quantizers[name] != state.last:  # the logits keep the last layer's
+            q.set_bits(bits)
     ddq.calibrate(model, batches)
     return model.eval()
 
@@ -240,29 +255,142 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
             ),
         }
         print(f"  {name} onnx {key}: {result['onnx'][key]}", flush=True)
-        if key == "uniform 4-bit":
-            qdq_session = session
+    return result
 
-    fp32_path = work / f"{name}_fp32.onnx"
+
+def _export_fp32(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
         program = torch.onnx.export(
-            float_model,
+            model,
             (example,),
             dynamo=True,
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             verbose=False,
         )
     assert program is not None
-    program.save(fp32_path, external_data=False)
-    sessions = {"fp32": _session(fp32_path, args.threads), "qdq_uniform_4bit": qdq_session}
-    ms = _latency(sessions, example, args.repeats, args.iters)
-    result["latency_ms"] = ms
-    result["latency_ratio_qdq_over_fp32"] = ms["qdq_uniform_4bit"] / ms["fp32"]
-    print(f"  {name} latency (ms/batch of {args.batch}): {ms}", flush=True)
+    program.save(path, external_data=False)
+    return path
+
+
+def _ort_flow(fp32_path: Path, batches: list[torch.Tensor], path: Path) -> Path:
+    """ONNX Runtime's documented static quantization of the FP32 graph."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"x": b.numpy()} for b in batches])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    pre = path.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_path), str(pre))
+    quantize_static(
+        str(pre),
+        str(path),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return path
+
+
+def _fusion(path: Path, work: Path, n_products: int) -> dict[str, Any]:
+    optimized = work / (path.stem + ".opt.onnx")
+    _session(path, 1, optimized)
+    counts = _op_counts(optimized)
+    fused = sum(counts.get(k, 0) for k in INTEGER_OPS)
+    return {
+        "integer_kernels": fused,
+        "convs_and_matmuls": n_products,
+        "float_products_left": sum(counts.get(k, 0) for k in FLOAT_PRODUCTS),
+        "integer_ops": {k: counts[k] for k in INTEGER_OPS if k in counts},
+    }
+
+
+def bench_latency(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """ddq's integer export vs FP32 vs ONNX Runtime's own flow at 224x224 (see the module
+    docstring, item 3)."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=1000, in_channels=3, small_input=False)
+    size = args.latency_size
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(8, 3, size, size, generator=g) for _ in range(args.latency_calib)]
+    for m in model.modules():  # BatchNorm statistics of these images, not identity
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for b in calib:
+            model(b)
+    model.eval()
+    n_products = sum(isinstance(m, nn.Conv2d | nn.Linear) for m in model.modules())
+    example = calib[0][:1]
+    paths = {"fp32": _export_fp32(model, example, work / f"{name}_224_fp32.onnx")}
+    paths["ort_flow"] = _ort_flow(paths["fp32"], calib, work / f"{name}_224_ort.onnx")
+    int8_mapping: dict[str, dict[str, float]] = {}
+    for bits in args.latency_bits:
+        q = copy.deepcopy(model)
+        uniform = {"mode": "uniform", "max_bits": 8}
+        cfg = ddq.DDQConfig(
+            weight=ddq.QuantizerConfig(bits=bits, **uniform),
+            activation=ddq.QuantizerConfig(bits=bits, signed=None, **uniform),
+            integer_graph=True,
+        )
+        ddq.prepare(q, cfg, example_inputs=example)
+        ddq.calibrate(q, calib, num_batches=len(calib))
+        key = f"ddq_int{bits}"
+        paths[key] = export_onnx(
+            q.eval(), work / f"{name}_224_{key}.onnx", example, dynamic_batch=True
+        )
+        # The int8 preset: adaptive (Lloyd) weight levels mapped onto int8 codes.
+        q = copy.deepcopy(model)
+        cfg = preset("int8")
+        cfg.weight = cfg.weight.replace("bench", bits=bits)
+        cfg.activation = cfg.activation.replace("bench", bits=bits, signed=None)
+        ddq.prepare(q, cfg, example_inputs=example)
+        ddq.calibrate(q, calib, num_batches=len(calib))
+        key = f"ddq_int8preset{bits}"
+        mapping: dict[str, Any] = {}
+        paths[key] = export_onnx(
+            q.eval(), work / f"{name}_224_{key}.onnx", example, dynamic_batch=True, report=mapping
+        )
+        errs = sorted(mapping["int8_mapping"].values())
+        int8_mapping[key] = {"median": errs[len(errs) // 2], "max": errs[-1]}
+    result: dict[str, Any] = {
+        "model": name,
+        "input": [3, size, size],
+        "file_bytes": {k: p.stat().st_size for k, p in paths.items()},
+        "fusion": {k: _fusion(p, work, n_products) for k, p in paths.items() if k != "fp32"},
+        "int8_mapping_relative_rmse": int8_mapping,
+        "latency_ms": {},
+        "ratio_to_fp32": {},
+    }
+    print(f"  {name} 224: sizes {result['file_bytes']}, fusion {result['fusion']}", flush=True)
+    for batch, threads in itertools.product((1, 32), (1, 2)):
+        x = torch.randn(batch, 3, size, size, generator=g)
+        sessions = {k: _session(p, threads) for k, p in paths.items()}
+        repeats, iters = (args.repeats, args.iters) if batch == 1 else (args.batch_repeats, 1)
+        ms = _latency(sessions, x, repeats, iters)
+        setting = f"batch {batch}, {threads} thread{'s' if threads > 1 else ''}"
+        result["latency_ms"][setting] = ms
+        result["ratio_to_fp32"][setting] = {k: v / ms["fp32"] for k, v in ms.items() if k != "fp32"}
+        print(f"  {name} {setting}: {ms}", flush=True)
     return result
 
 
-def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def _markdown(
+    results: list[dict[str, Any]], meta: dict[str, Any], latency: list[dict[str, Any]]
+) -> str:
     lines = [
         "# Export: artifact size, ONNX Runtime agreement and latency",
         "",
@@ -310,26 +438,59 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"{o['accuracy_pytorch']:.3f} / {o['accuracy_ort']:.3f} | {ints or '-'} | "
                 f"{o['float_convs_after_ort_fusion']} |"
             )
+    if not latency:
+        return "\n".join(lines) + "\n"
     lines += [
         "",
-        "## ONNX Runtime latency, uniform 4-bit QDQ vs FP32 (median of repeats)",
+        "## ONNX Runtime latency at 224x224: ddq's integer export vs ONNX Runtime's own flow",
         "",
-        "| model | FP32 ms/batch | QDQ ms/batch | QDQ / FP32 |",
-        "|---|---:|---:|---:|",
+        "torchvision architectures, random weights, 1000 classes. `ddq_intB`: uniform B-bit "
+        "weights and activations (first/last layer 8-bit), `integer_graph=True`; `ort_flow`: "
+        "`quant_pre_process` + `quantize_static` (QDQ, per-channel int8 weights, uint8 "
+        "activations). Ratios are ms / FP32 ms in the same setting (medians; batch 32: "
+        f"{meta['batch_repeats']} repeats of 1 run, batch 1: {meta['repeats']} of "
+        f"{meta['iters']}). `ddq / ORT` is the ddq ratio over ORT's ratio.",
+        "",
+        "| model | setting | FP32 ms | "
+        + " | ".join(f"{k} / FP32" for k in _quant_keys(latency))
+        + " | "
+        + " | ".join(f"{k} / ORT" for k in _quant_keys(latency) if k != "ort_flow")
+        + " |",
+        "|---|---|---:|" + "---:|" * (2 * len(_quant_keys(latency)) - 1),
     ]
-    for r in results:
-        ms = r["latency_ms"]
-        lines.append(
-            f"| {r['model']} | {ms['fp32']:.2f} | {ms['qdq_uniform_4bit']:.2f} | "
-            f"{r['latency_ratio_qdq_over_fp32']:.2f} |"
-        )
+    for r in latency:
+        for setting, ratios in r["ratio_to_fp32"].items():
+            keys = _quant_keys(latency)
+            cells = [f"{ratios[k]:.2f}" for k in keys]
+            cells += [f"{ratios[k] / ratios['ort_flow']:.2f}" for k in keys if k != "ort_flow"]
+            lines.append(
+                f"| {r['model']} | {setting} | {r['latency_ms'][setting]['fp32']:.1f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    lines += [
+        "",
+        "| model | file | bytes | integer kernels / convs+matmuls | float convs/matmuls left |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in latency:
+        for k, size in r["file_bytes"].items():
+            f = r["fusion"].get(k)
+            fused = f"{f['integer_kernels']} / {f['convs_and_matmuls']}" if f else "-"
+            left = f["float_products_left"] if f else "-"
+            lines.append(f"| {r['model']} | {k} | {size:,} | {fused} | {left} |")
     return "\n".join(lines) + "\n"
+
+
+def _quant_keys(latency: list[dict[str, Any]]) -> list[str]:
+    first = next(iter(latency[0]["ratio_to_fp32"].values()))
+    return sorted(first)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: fewer repeats")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batch", type=int, default=None, help="latency batch (32; quick 8)")
     parser.add_argument(
         "--agree-images", type=int, default=None, help="test images for agreement (256; quick 16)"
@@ -342,12 +503,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--train-steps", type=int, default=None, help="FP32 training steps (150; quick 0)"
     )
+    parser.add_argument("--latency-models", nargs="*", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--latency-size", type=int, default=224)
+    parser.add_argument("--latency-bits", nargs="+", type=int, default=[8, 4])
+    parser.add_argument(
+        "--latency-calib", type=int, default=None, help="batches of 8 random images (4; quick 1)"
+    )
+    parser.add_argument(
+        "--batch-repeats", type=int, default=None, help="batch-32 latency repeats (3; quick 1)"
+    )
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     args.batch = args.batch or (8 if args.quick else 32)
     args.agree_images = max(args.agree_images or (16 if args.quick else 256), args.batch)
     args.repeats = args.repeats or (3 if args.quick else 15)
     args.iters = args.iters or (2 if args.quick else 5)
+    args.latency_calib = args.latency_calib or (1 if args.quick else 4)
+    args.batch_repeats = args.batch_repeats or (1 if args.quick else 3)
     args.train_steps = (
         args.train_steps if args.train_steps is not None else (0 if args.quick else 150)
     )
@@ -363,6 +535,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             print(f"{name}:", flush=True)
             results.append(bench_model(name, args, Path(tmp)))
+        latency = []
+        for name in args.latency_models:
+            print(f"{name} at {args.latency_size}x{args.latency_size}:", flush=True)
+            latency.append(bench_latency(name, args, Path(tmp)))
     meta = {
         "command": " ".join(["python", "benchmarks/bench_export.py", *(argv or sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -372,14 +548,15 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "repeats": args.repeats,
         "iters": args.iters,
+        "batch_repeats": args.batch_repeats,
         "quick": args.quick,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "export.json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
+        json.dumps({"meta": meta, "results": results, "latency": latency}, indent=2) + "\n"
     )
-    md = _markdown(results, meta)
+    md = _markdown(results, meta, latency)
     (args.out_dir / "export.md").write_text(md)
     print(md)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..conversion.presets import PRESETS
 from ..jobs.run import RunConfig, run_quantize
 from .config_file import read_settings
 
@@ -34,7 +35,11 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--gbitops", type=float, help="BitOps in units of 1e9")
     b.add_argument("--max-act-bits", type=int, help="cap on activation bits (0 = no cap)")
     q = p.add_argument_group("quantizers")
-    q.add_argument("--mode", choices=["adaptive", "uniform"], help="levels (default adaptive)")
+    q.add_argument("--mode", choices=["adaptive", "uniform"],
+                   help="levels of weights and activations (default adaptive)")  # fmt: skip
+    q.add_argument("--preset", choices=sorted(PRESETS),
+                   help="level families: adaptive (both), int8 (adaptive weights, uniform "
+                        "activations: ONNX at int8 speed) or uniform (both)")  # fmt: skip
     q.add_argument("--max-bits", type=int, help="largest bitwidth K (default 8)")
     q.add_argument("--min-bits", type=int, help="bitwidth floor (default 2)")
     q.add_argument("--first-last", help="first/last layer: bits (default 8), 'learn' or 'float'")
@@ -83,6 +88,14 @@ def settings_from_args(args: argparse.Namespace) -> RunConfig:
         d["budget"] = {**d["budget"], "max_act_bits": args.max_act_bits or None}
     d["budget"] = {k: v for k, v in d["budget"].items() if v is not None}
     ddq = dict(d["ddq"])
+    if args.preset is not None:
+        if args.mode is not None:
+            raise ValueError("give --preset or --mode, not both")
+        modes = PRESETS[args.preset]
+        ddq["weight"] = {**ddq["weight"], "mode": modes["weight"]}
+        if ddq.get("activation") is not None:
+            ddq["activation"] = {**ddq["activation"], "mode": modes["activation"]}
+        ddq["integer_graph"] = modes["integer_graph"]
     for key, val in (("mode", args.mode), ("max_bits", args.max_bits), ("min_bits", args.min_bits)):
         if val is not None:
             ddq["weight"] = {**ddq["weight"], key: val}
