@@ -1,7 +1,9 @@
 """Datasets for ddq: a timm-like registry plus reproducible loaders.
 
 Built-in datasets: ``mnist5k`` (embedded, the default), ``cifar10`` and ``imagefolder``
-(read from a local folder; ddq never downloads).
+(read from a local folder; ddq never downloads). For language models,
+``load_stdlib_text`` reads byte tokens from the running Python's own standard-library
+source files (``ddq.data.stdlib_text``; not in the image-dataset registry).
 
 Example:
     >>> from ddq.data import create_dataset, make_loaders
@@ -20,6 +22,7 @@ from ddq.data.registry import (
     make_loaders,
     register_dataset,
 )
+from ddq.data.stdlib_text import load_stdlib_text
 
 __all__ = [
     "DatasetSplits",
@@ -28,6 +31,7 @@ __all__ = [
     "load_cifar10",
     "load_imagefolder",
     "load_mnist5k",
+    "load_stdlib_text",
     "make_loaders",
     "register_dataset",
 ]
