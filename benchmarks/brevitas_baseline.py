@@ -1,19 +1,50 @@
-"""The brevitas baseline: integer weight and input quantizers at a fixed bitwidth.
+"""The brevitas baselines: integer weight and input quantizers at a fixed bitwidth.
 
-Every Conv2d/Linear becomes its brevitas counterpart with a per-tensor float-scaled integer
-weight quantizer (``Int8WeightPerTensorFloat`` at ``bits``) and an input quantizer
-(``Uint8ActPerTensorFloat`` where the layer's float input is never negative, else
-``Int8ActPerTensorFloat``, at ``bits``). The first and last layer use 8 bits, the same
-convention as ddq's default, so model sizes compare.
+Every Conv2d/Linear becomes its brevitas counterpart (``QuantConv2d``/``QuantLinear``) with
+a weight quantizer and an input quantizer at ``bits`` (unsigned where the layer's float
+input is never negative, else signed). The first and last layer use 8 bits, the same
+convention as ddq's default, so model sizes compare. Recipes (``RECIPES``):
+
+- ``"perchannel"`` (the default): brevitas's own low-bit recipe, the common quantizers of
+  ``brevitas_examples/imagenet_classification/models/common.py`` (the 4-bit MobileNet V1 /
+  ProxylessNAS QAT models): ``CommonIntWeightPerChannelQuant`` (``Int8WeightPerTensorFloat``
+  with ``scaling_per_output_channel=True``: per-channel max-abs scale, narrow range),
+  ``CommonIntActQuant``/``CommonUintActQuant`` (``Int8ActPerTensorFloat``/
+  ``Uint8ActPerTensorFloat``: a learned scale, initialised from the 99.999th percentile,
+  restricted to a learned log, ``RestrictValueType.LOG_FP``), bit width set per layer.
+  They are defined below from ``brevitas.quant`` (``brevitas_examples`` is not a package
+  on PyPI); same attributes as the examples.
+- ``"mse"``: ``Int8WeightPerChannelFloatMSE`` (per-channel scale searched for the least
+  weight MSE, then learned) with ``Int8ActPerTensorFloatMSE``/``Uint8ActPerTensorFloatMSE``
+  (activation scale searched for the least MSE on calibration data, then learned).
+- ``"pertensor"``: the recipe of the first two versions of the benchmark,
+  ``Int8WeightPerTensorFloat`` and ``Int8ActPerTensorFloat``/``Uint8ActPerTensorFloat``.
+
+Post-training calibration (``brevitas_calibrate``) follows brevitas_examples'
+``ptq_common``: ``calibrate`` (forward passes under ``brevitas.graph.calibrate.
+calibration_mode``: quantization off, activation statistics collected, scales initialised
+on exit), then ``calibrate_bn`` (``norm_correction_mode``: BatchNorm statistics
+re-estimated on the quantized model, as ddq's calibration does).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
+RECIPES = ("perchannel", "mse", "pertensor")
 
-def _input_signs(model: nn.Module, example: torch.Tensor) -> dict[str, bool]:
+
+def quantized_layer_names(model: nn.Module) -> tuple[list[str], str, str]:
+    """Names of the Conv2d/Linear layers (in module order), and the first and the last."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    return names, names[0], names[-1]
+
+
+def input_signs(model: nn.Module, example: torch.Tensor) -> dict[str, bool]:
+    """Per Conv2d/Linear: whether its float input takes a negative value on ``example``."""
     signs: dict[str, bool] = {}
     hooks = []
     for name, m in model.named_modules():
@@ -33,23 +64,57 @@ def _input_signs(model: nn.Module, example: torch.Tensor) -> dict[str, bool]:
     return signs
 
 
-def brevitas_quantize(model: nn.Module, bits: int, example: torch.Tensor) -> nn.Module:
-    """Replace every Conv2d/Linear of ``model`` in place by a brevitas layer at ``bits``."""
-    import brevitas.nn as qnn
+def _quantizers(recipe: str):
+    """(weight quantizer, signed input quantizer, unsigned input quantizer) of a recipe."""
+    from brevitas.core.restrict_val import RestrictValueType
     from brevitas.quant import (
         Int8ActPerTensorFloat,
+        Int8ActPerTensorFloatMSE,
+        Int8WeightPerChannelFloatMSE,
         Int8WeightPerTensorFloat,
         Uint8ActPerTensorFloat,
+        Uint8ActPerTensorFloatMSE,
     )
 
-    signed = _input_signs(model, example)
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    first, last = names[0], names[-1]
+    if recipe == "perchannel":
+
+        class CommonIntWeightPerChannelQuant(Int8WeightPerTensorFloat):
+            scaling_min_val = 2e-16
+            bit_width = None
+            scaling_per_output_channel = True
+
+        class CommonIntActQuant(Int8ActPerTensorFloat):
+            scaling_min_val = 2e-16
+            bit_width = None
+            restrict_scaling_type = RestrictValueType.LOG_FP
+
+        class CommonUintActQuant(Uint8ActPerTensorFloat):
+            scaling_min_val = 2e-16
+            bit_width = None
+            restrict_scaling_type = RestrictValueType.LOG_FP
+
+        return CommonIntWeightPerChannelQuant, CommonIntActQuant, CommonUintActQuant
+    if recipe == "mse":
+        return Int8WeightPerChannelFloatMSE, Int8ActPerTensorFloatMSE, Uint8ActPerTensorFloatMSE
+    if recipe == "pertensor":
+        return Int8WeightPerTensorFloat, Int8ActPerTensorFloat, Uint8ActPerTensorFloat
+    raise ValueError(f"unknown brevitas recipe {recipe!r}; expected one of {RECIPES}")
+
+
+def brevitas_quantize(
+    model: nn.Module, bits: int, example: torch.Tensor, recipe: str = "perchannel"
+) -> nn.Module:
+    """Replace every Conv2d/Linear of ``model`` in place by a brevitas layer at ``bits``."""
+    import brevitas.nn as qnn
+
+    weight_quant, act_signed, act_unsigned = _quantizers(recipe)
+    signed = input_signs(model, example)
+    names, first, last = quantized_layer_names(model)
     for name in names:
         m = model.get_submodule(name)
         b = 8 if name in (first, last) else bits
-        act = Int8ActPerTensorFloat if signed[name] else Uint8ActPerTensorFloat
-        common = dict(weight_quant=Int8WeightPerTensorFloat, weight_bit_width=b,
+        act = act_signed if signed[name] else act_unsigned
+        common = dict(weight_quant=weight_quant, weight_bit_width=b,
                       input_quant=act, input_bit_width=b, return_quant_tensor=False)  # fmt: skip
         if isinstance(m, nn.Conv2d):
             new = qnn.QuantConv2d(
@@ -63,3 +128,23 @@ def brevitas_quantize(model: nn.Module, bits: int, example: torch.Tensor) -> nn.
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model
+
+
+def brevitas_calibrate(model: nn.Module, batches: Iterable, correct_norm: bool = True) -> None:
+    """Initialise every activation scale from ``batches`` of ``(inputs, targets)``, as
+    brevitas_examples' ``ptq_common.calibrate`` (eval mode, ``calibration_mode``); then,
+    with ``correct_norm``, re-estimate the BatchNorm statistics of the quantized model
+    as its ``ptq_common.calibrate_bn`` (``norm_correction_mode``)."""
+    from brevitas.graph.calibrate import calibration_mode, norm_correction_mode
+
+    batches = list(batches)
+    was = model.training
+    model.eval()
+    with torch.no_grad(), calibration_mode(model):
+        for x, _ in batches:
+            model(x)
+    if correct_norm:
+        with torch.no_grad(), norm_correction_mode(model):
+            for x, _ in batches:
+                model(x)
+    model.train(was)
