@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import ddq
+from ddq.conversion.presets import preset
 from ddq.data import create_dataset, make_loaders
 from ddq.models import create_model, load_weights, save_weights
 from ddq.report import level_quality
@@ -34,10 +35,16 @@ from ddq.training import evaluate, train_float
 
 
 def qconfig(mode: str, bits: int, per_channel: bool) -> ddq.DDQConfig:
-    """Fixed ``bits`` for every weight and input (first/last layer at 8 by convention)."""
-    w = ddq.QuantizerConfig(mode=mode, bits=bits, min_bits=1, per_channel=per_channel)
-    a = ddq.QuantizerConfig(mode=mode, bits=bits, min_bits=1, signed=None)
-    return ddq.DDQConfig(weight=w, activation=a)
+    """Fixed ``bits`` for every weight and input (first/last layer at 8 by convention).
+
+    ``mode`` is ``adaptive`` or ``uniform`` (both quantizers, no output quantizers, as in
+    the first measurements), or ``int8``: the preset of that name (adaptive weights,
+    uniform activations, and ``integer_graph``'s output quantizers at the same bits, which
+    its all-integer graph needs)."""
+    cfg = preset(mode, integer_graph=mode == "int8")
+    cfg.weight = cfg.weight.replace("bench", bits=bits, min_bits=1, per_channel=per_channel)
+    cfg.activation = cfg.activation.replace("bench", bits=bits, min_bits=1, signed=None)
+    return cfg
 
 
 def fp32_model(arch: str, loaders, args) -> tuple[torch.nn.Module, float]:
@@ -66,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default="runs/bench_cache")
     p.add_argument("--out", default="benchmarks/results/start")
+    p.add_argument("--modes", nargs="+", default=["adaptive", "uniform"],
+                   choices=["adaptive", "uniform", "int8"], help="presets to compare")  # fmt: skip
+    p.add_argument("--granularity", nargs="+", default=["per-channel", "per-tensor"],
+                   choices=["per-channel", "per-tensor"])  # fmt: skip
+    p.add_argument("--act-methods", nargs="+", default=["mse", "percentile"],
+                   choices=["mse", "percentile"])  # fmt: skip
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = p.parse_args(argv)
     if args.quick:
@@ -77,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     example = torch.zeros(1, 1, 28, 28)
     print(f"{args.model} FP32: {fp_acc:.2f}%", flush=True)
     rows = []
-    for mode in ("adaptive", "uniform"):
-        for per_channel in (True, False):
+    for mode in args.modes:
+        for per_channel in (g == "per-channel" for g in args.granularity):
             for bits in args.bits:
-                for method in ("mse", "percentile"):
+                for method in args.act_methods:
                     model = ddq.prepare(copy.deepcopy(fp), qconfig(mode, bits, per_channel),
                                         example_inputs=example)  # fmt: skip
                     t0 = time.time()
