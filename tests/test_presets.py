@@ -49,3 +49,42 @@ def test_cli_preset_reaches_the_run_config():
     assert cfg.ddq["integer_graph"] is True
     with pytest.raises(ValueError, match="--preset or --mode"):
         settings_from_args(_args("--preset", "int8", "--mode", "uniform"))
+
+
+@pytest.mark.parametrize(
+    "budget", [{"avg_weight_bits": 5.0}, {"gbitops": None}], ids=["avg_bits", "bitops"]
+)
+def test_int8_preset_trains_through_the_budget_fit(budget):
+    """integer_graph's output quantizers (no MACs, no stored bits) go through the budget
+    fit at zero cost, and leave the budget met."""
+    import torch
+    import torch.nn.functional as F
+
+    import ddq
+    from ddq.conversion.output_quantizers import output_quantizers
+    from ddq.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, in_channels=1, small_input=True)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    ddq.prepare(model, preset("int8", first_last_bits="learn"), example_inputs=x[:1])
+    assert output_quantizers(model)  # the preset added some
+    if budget.get("gbitops", 0) is None:
+        budget = {"gbitops": 0.6 * ddq.CostModel(model).gbitops()}
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    config = ddq.TrainConfig(epochs=1, freeze_epochs=0, fit_batches=1, progress=False)
+    trainer = ddq.DDQTrainer(model, ddq.Budget(**budget), config, steps_per_epoch=2)
+    trainer.calibrate([b[0] for b in batches])
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    opt = trainer.optimizer()
+    for batch in batches:
+        loss = trainer.loss(loss_fn(model, batch))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        trainer.step()
+    trainer.finalize(batches, loss_fn)
+    assert trainer.usage() <= 1.0 + 1e-6

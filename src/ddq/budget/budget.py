@@ -152,7 +152,13 @@ class Budget:
     def unit_cost(self, cm: CostModel, name: str, q: DDQQuantizer) -> float:
         """How much one more bit of quantizer ``q`` adds to the budgeted quantity."""
         layer_name, _, role = name.rpartition(".")
-        lc = next(lc for lc in cm.layers if lc.name == layer_name)
+        if role not in ("weight_quantizer", "input_quantizer"):
+            # integer_graph's output quantizers: no MACs and no stored bits, so neither
+            # BitOps nor size nor average weight bits depend on them.
+            return 0.0
+        lc = next((lc for lc in cm.layers if lc.name == layer_name), None)
+        if lc is None:
+            raise ValueError(f"quantizer {name!r} belongs to no layer of the cost model")
         if self.kind == "gbitops":
             other = lc.a_bits() if role == "weight_quantizer" else lc.w_bits()
             return lc.macs * float(other.detach()) / 1e9
