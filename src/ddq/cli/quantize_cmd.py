@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..conversion.presets import PRESETS
+from ..conversion import DDQConfig
+from ..conversion.presets import PRESETS, apply_preset
 from ..jobs.run import RunConfig, run_quantize
 from .config_file import read_settings
 
@@ -91,11 +92,7 @@ def settings_from_args(args: argparse.Namespace) -> RunConfig:
     if args.preset is not None:
         if args.mode is not None:
             raise ValueError("give --preset or --mode, not both")
-        modes = PRESETS[args.preset]
-        ddq["weight"] = {**ddq["weight"], "mode": modes["weight"]}
-        if ddq.get("activation") is not None:
-            ddq["activation"] = {**ddq["activation"], "mode": modes["activation"]}
-        ddq["integer_graph"] = modes["integer_graph"]
+        ddq = apply_preset(DDQConfig.from_dict(ddq), args.preset).to_dict()
     for key, val in (("mode", args.mode), ("max_bits", args.max_bits), ("min_bits", args.min_bits)):
         if val is not None:
             ddq["weight"] = {**ddq["weight"], key: val}

@@ -31,7 +31,7 @@ from typing import Any
 
 from .config import DDQConfig
 
-__all__ = ["PRESETS", "preset"]
+__all__ = ["PRESETS", "apply_preset", "preset"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     "adaptive": {"weight": "adaptive", "activation": "adaptive", "integer_graph": False},
@@ -43,13 +43,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **changes: Any) -> DDQConfig:
     """The ``DDQConfig`` of preset ``name`` (see the module docstring), with ``changes``
     applied to its fields (e.g. ``first_last_bits=...``)."""
+    config = apply_preset(DDQConfig(**changes), name)
+    if "integer_graph" in changes:  # an explicit change wins over the preset's choice
+        config.integer_graph = changes["integer_graph"]
+    config.validate()
+    return config
+
+
+def apply_preset(config: DDQConfig, name: str) -> DDQConfig:
+    """``config`` (modified in place and returned) with preset ``name``'s level families
+    and ``integer_graph``; every other field is kept."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     modes = PRESETS[name]
-    base = DDQConfig(**{"integer_graph": modes["integer_graph"], **changes})
-    if base.weight is not None:
-        base.weight = base.weight.replace(f"preset {name!r}", mode=modes["weight"])
-    if base.activation is not None:
-        base.activation = base.activation.replace(f"preset {name!r}", mode=modes["activation"])
-    base.validate()
-    return base
+    if config.weight is not None:
+        config.weight = config.weight.replace(f"preset {name!r}", mode=modes["weight"])
+    if config.activation is not None:
+        config.activation = config.activation.replace(f"preset {name!r}", mode=modes["activation"])
+    config.integer_graph = modes["integer_graph"]
+    return config

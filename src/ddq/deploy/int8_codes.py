@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .freeze import decode_weight
+
 __all__ = ["Int8Weights", "adaptive_to_int8"]
 
 INT8_MAX = 127  # symmetric: -127..127, so the zero point is 0 and ORT's kernels apply
@@ -81,7 +83,7 @@ def adaptive_to_int8(
     level_error = float((table - level_codes.float() * step).abs().max()) / step
     if channel_scales is None:
         scale = torch.tensor([step], dtype=torch.float32)
-        ch = torch.ones(1)
+        ch = None
     else:
         ch = channel_scales.detach().float().cpu()
         if ch.numel() != idx.shape[0]:
@@ -90,9 +92,8 @@ def adaptive_to_int8(
             )
         scale = (ch * step).to(torch.float32)
     codes = level_codes[idx]
-    shape = (-1, *([1] * (idx.dim() - 1)))
-    adaptive = table[idx] * ch.view(shape)
-    mapped = codes.float() * scale.view(shape)
+    adaptive = decode_weight(table, idx, ch)
+    mapped = decode_weight(level_codes.float(), idx, scale)
     norm = float(adaptive.norm())
     rel = float((mapped - adaptive).norm()) / norm if norm > 0 else 0.0
     return Int8Weights(codes, scale, level_codes, rel, level_error)
