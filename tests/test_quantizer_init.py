@@ -206,3 +206,33 @@ def test_old_checkpoints_without_fit_bits_load_at_their_bits():
     fresh = DDQQuantizer(max_bits=8, mode="uniform", refit_on_bits=True)
     fresh.load_state_dict(state)
     assert int(fresh.fit_bits) == 5
+
+
+def test_fits_on_a_column_subsample_of_large_weights_lose_almost_nothing():
+    # The start of a large layer is fitted on a strided subset of each channel's columns
+    # (fitting.FIT_MAX_ELEMENTS, >= 1024 per channel); measured on all the weights, it must
+    # stay within a few percent of the fit that saw them all.
+    g = torch.Generator().manual_seed(11)
+    laplace = torch.distributions.Laplace(0.0, 1.0)
+    w = laplace.sample((16, 4000)) * torch.linspace(0.2, 2.0, 16)[:, None]
+    cap = 16_000  # asks for 1/4 of the 64,000 weights; the 1024-column floor keeps 1/3
+    full = fit_table_and_scales(w, 8, max_elements=None)
+    sub = fit_table_and_scales(w, 8, max_elements=cap)
+    err_full, err_sub = (
+        float((quantize_to_levels(w / s[:, None], t) * s[:, None] - w).square().mean())
+        for t, s in (full, sub)
+    )
+    assert err_sub != err_full  # the subsample was used
+    assert err_sub < 1.03 * err_full
+    step_full = best_uniform_step(w, 4, True, channel_axis=0, max_elements=None)
+    step_sub = best_uniform_step(w, 4, True, channel_axis=0, max_elements=cap)
+    mse = [float(_uniform_err(w, s)) for s in (step_full, step_sub)]
+    assert mse[0] <= mse[1] < 1.03 * mse[0]
+    # Below the cap nothing is subsampled: the same numbers exactly.
+    assert torch.equal(
+        best_uniform_step(w, 4, True, channel_axis=0, max_elements=w.numel()), step_full
+    )
+
+
+def _uniform_err(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return (uniform_quantize(w, step[:, None], 4, True) - w).square().mean()

@@ -36,6 +36,15 @@ __all__ = [
 
 # Lloyd runs on at most this many elements (a strided subsample): plenty for <= 256 levels.
 _MAX_SAMPLE = 1 << 18
+# The MSE searches and the table/scale alternation run on at most this many elements (every
+# channel keeps a strided subset of its columns): the quantizer's start on a large layer
+# (VGG's 100M-weight classifier, a ViT-L MLP) costs seconds instead of minutes, and the
+# 2**b <= 256 levels and one scale per channel are still fitted to >= 2**20 weights.
+# (The level-quality report's references run on its own <= 2**18-weight samples: uncapped.)
+FIT_MAX_ELEMENTS = 1 << 20
+# ... but each channel keeps at least this many: its least-squares scale depends on its
+# tails, and with fewer samples a heavy-tailed channel's fit degrades measurably.
+_MIN_FIT_COLUMNS = 1024
 
 
 def uniform_grid(bits: int, signed: bool) -> tuple[int, int]:
@@ -63,6 +72,16 @@ def _rows(x: torch.Tensor, channel_axis: int | None) -> torch.Tensor:
     return x.movedim(channel_axis, 0).reshape(x.shape[channel_axis], -1)
 
 
+def _fit_rows(rows: torch.Tensor, max_elements: int | None) -> torch.Tensor:
+    """``rows`` with every ``k``-th column (the same ``k`` for all channels) so that at most
+    ``max_elements`` remain, but never fewer than ``_MIN_FIT_COLUMNS`` per channel; all of
+    them when ``max_elements`` is None."""
+    if max_elements is None or rows.numel() <= max_elements:
+        return rows
+    stride = min(-(-rows.numel() // max_elements), rows.shape[1] // _MIN_FIT_COLUMNS)
+    return rows[:, ::stride].contiguous() if stride > 1 else rows
+
+
 def _row_mse(rows: torch.Tensor, step: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     return (uniform_quantize(rows, step[:, None], bits, signed) - rows).square_().mean(1)
 
@@ -75,12 +94,15 @@ def best_uniform_step(
     channel_axis: int | None = None,
     coarse: int = 32,
     fine: int = 12,
+    max_elements: int | None = FIT_MAX_ELEMENTS,
 ) -> torch.Tensor:
     """The MSE-optimal step of the b-bit integer grid, per channel or per tensor.
 
     Candidates are ``f * amax / qmax`` for ``f`` in ``(0, 1.1]`` (``amax`` the largest
     magnitude the grid must cover, ``qmax`` its largest code), ``coarse`` values evenly
-    spaced, then ``fine`` values around the best one.
+    spaced, then ``fine`` values around the best one. ``amax`` is taken over all of ``x``;
+    the MSE of each candidate over at most ``max_elements`` of them (a strided subset of
+    each channel's columns; ``None``: all).
 
     Returns:
         A float32 tensor of shape ``(C,)`` (``channel_axis`` given) or ``()``.
@@ -97,6 +119,7 @@ def best_uniform_step(
         amax = torch.maximum(rows.amax(1) / max(qmax, 1), -rows.amin(1) / -qmin)
     else:
         amax = rows.clamp(min=0).amax(1) / qmax
+    rows = _fit_rows(rows, max_elements)
     base = amax.clamp(min=1e-12)
     best_err = torch.full_like(base, float("inf"))
     best_f = torch.ones_like(base)
@@ -212,7 +235,8 @@ def _uniform_start(
     signed = not fix_zero and bool((x < 0).any())
     qmin, _ = uniform_grid(bits, signed)
     codes = torch.arange(n_levels, dtype=torch.float32) + qmin
-    return codes, best_uniform_step(x, bits, signed, channel_axis=channel_axis)
+    # x is already a (sub)sample: the callers' max_elements applied
+    return codes, best_uniform_step(x, bits, signed, channel_axis=channel_axis, max_elements=None)
 
 
 def _companded_levels(xs: torch.Tensor, n_levels: int, bins: int = 2048) -> torch.Tensor:
@@ -253,6 +277,7 @@ def fit_table_and_scales(
     rounds: int = 2,
     fix_zero: bool = False,
     scales: torch.Tensor | None = None,
+    max_elements: int | None = FIT_MAX_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One table for all channels (axis 0) times a per-channel scale, fitted to ``w``.
 
@@ -261,7 +286,8 @@ def fit_table_and_scales(
     Without ``scales`` it runs from two starts, the channels' RMS with a fresh Lloyd table
     and the best per-channel uniform grid, and keeps the lower error, which is then never
     above that of the best per-channel uniform grid. With ``scales`` (a re-fit) it starts
-    from them; ``rounds=0`` keeps them and only fits the table.
+    from them; ``rounds=0`` keeps them and only fits the table. The fit sees at most
+    ``max_elements`` weights (a strided subset of each channel's columns; ``None``: all).
 
     Returns:
         ``(table, scales)``: ``table`` sorted, shape ``(n_levels,)``; ``scales`` shape ``(C,)``.
@@ -272,7 +298,7 @@ def fit_table_and_scales(
         >>> table.shape, scales.shape
         (torch.Size([8]), torch.Size([8]))
     """
-    rows = _rows(w, 0)
+    rows = _fit_rows(_rows(w, 0), max_elements)
     if scales is not None:  # a re-fit: start from the caller's scales
         return _alternate(rows, n_levels, rounds, fix_zero, scales.detach().float().cpu())
     grid, uni_scales = _uniform_start(rows, n_levels, fix_zero, channel_axis=0)
