@@ -20,13 +20,16 @@ def one_thread():
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "heavy: torchvision-zoo checks of minutes each, run only when asked (-m heavy)"
+        "markers", "heavy: torchvision-zoo checks of 1-3 min each (CI: -m 'slow or heavy')"
+    )
+    config.addinivalue_line(
+        "markers", "huge: torchvision-zoo checks needing ~15-20 GB, run only with -m huge"
     )
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow and heavy torchvision-zoo checks run only when asked for with ``-m``: CI
-    runs the slow ones in a step of its own (``pytest -m slow
+    """The slow, heavy and huge torchvision-zoo checks run only when asked for with ``-m``:
+    CI runs the slow and heavy ones in a step of its own (``pytest -m "slow or heavy"
     tests/test_torchvision_zoo.py``), so the default run (the README's command) leaves
     them out rather than run them twice. Other ``slow`` tests stay in the default run."""
     if config.option.markexpr:
@@ -35,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
         item
         for item in items
         if item.path.name == "test_torchvision_zoo.py"
-        and (item.get_closest_marker("slow") or item.get_closest_marker("heavy"))
+        and any(item.get_closest_marker(m) for m in ("slow", "heavy", "huge"))
     ]
     if zoo:
         config.hook.pytest_deselected(items=zoo)

@@ -5,8 +5,9 @@ what the fake-quantized model computes (the oracle: the model ddq trained, in ev
 The check is ``check_model`` of ``benchmarks/supported_models.py``, which also writes
 ``docs/supported_models.md``; a fast test keeps that table's model list equal to
 torchvision's. Models whose check takes more than about 10 s on the 2-core CI machine are
-marked ``slow``: the default ``pytest`` run leaves them out (see ``conftest.py``) and CI
-runs them in a step of their own, ``pytest -m slow tests/test_torchvision_zoo.py``.
+marked ``slow`` (or ``heavy``, over 100M parameters): the default ``pytest`` run leaves
+them out (see ``conftest.py``) and CI runs them in a step of their own, ``pytest -m "slow
+or heavy" tests/test_torchvision_zoo.py``. The two ``huge`` models run only with ``-m huge``.
 """
 
 import importlib.util
@@ -32,10 +33,15 @@ def _load_script():
 zoo = _load_script()
 
 
-# The tier of each model (``zoo.tier``): the default run, CI's slow step (``-m slow``),
-# or heavy (only ``-m heavy`` or the script runs it). A model a future torchvision adds
-# is slow until measured.
-_MARKS = {"default": (), "slow": (pytest.mark.slow,), "heavy": (pytest.mark.heavy,)}
+# The tier of each model (``zoo.tier``): the default run, CI's zoo step (``-m "slow or
+# heavy"``), or huge (only ``-m huge`` or the script runs it: memory). A model a future
+# torchvision adds is slow until measured.
+_MARKS = {
+    "default": (),
+    "slow": (pytest.mark.slow,),
+    "heavy": (pytest.mark.heavy,),
+    "huge": (pytest.mark.huge,),
+}
 MODELS = [
     pytest.param(name, marks=_MARKS[zoo.tier(name)])
     for name in torchvision.models.list_models(module=torchvision.models)
