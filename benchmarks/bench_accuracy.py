@@ -18,7 +18,13 @@ Protocol (identical for every method):
   ``norm_correction_mode``, ddq's ``reestimate_batchnorm`` for LSQ), then trained
   ``--qat-epochs`` (default 6) with the same data order, batch size and weight optimizer
   (SGD lr 0.01, momentum 0.9, weight decay 5e-5, cosine over all QAT steps; quantizer
-  parameters without weight decay);
+  parameters without weight decay); before every QAT step the global gradient norm of
+  everything the step updates (weights and quantizer parameters) is clipped to
+  ``--grad-clip`` (default 10, ``none`` for off; ``TrainConfig.grad_clip`` for DDQ). At 10
+  it never bound DDQ's steps in the probe (norms up to 8) and turned LSQ's W2A2 overflow
+  on MobileNetV2 (gradient norms of 1e5 to Inf) into bounded steps
+  (``benchmarks/results/accuracy_v3/probe.md``); ``--freeze-bn`` (off by default: it cost DDQ accuracy and rescued no peer
+  there) keeps every method's BatchNorm on its running statistics in QAT steps;
 - sizes count quantized weights at their bits and everything else at 32 bits; the first
   and last layer are at 8 bits for every method. DDQ's budget is the byte size of the
   fixed-bit model of the same bits (``W{b}A{b}``), with activations capped at ``b`` bits.
@@ -111,6 +117,9 @@ RECIPE = {
     "ddq-uniform-fixedbits": "ablation: DDQ uniform, every layer at b bits (no mixed precision)",
 }  # fmt: skip
 FIXED_BIT_PEERS = ("lsq", "lsq-perchannel", "brevitas", "brevitas-mse", "brevitas-pertensor")
+# The protocol's defaults of --grad-clip and --freeze-bn (probe.md, accuracy_v3).
+GRAD_CLIP: float | None = 10.0
+FREEZE_BN = False
 CALIB_SEED = 999_983  # the loader seed of the calibration batches (an "epoch" never trained)
 
 
@@ -191,11 +200,39 @@ def calibration_batches(train_loader, n: int, seed: int) -> list:
     return out
 
 
+def freeze_batchnorm(model: torch.nn.Module) -> int:
+    """Keep every BatchNorm of ``model`` on its running statistics in training steps:
+    a BatchNorm in training mode normalises by its running mean and variance (and does
+    not update them) in any forward pass that records gradients. Passes without
+    gradients (calibration, BatchNorm re-estimation, evaluation) are unchanged, so the
+    hooks can be installed before ``train_ddq``, which calibrates first. The same hooks
+    serve every method (``--freeze-bn``). Returns the number of BatchNorm modules."""
+
+    def before(bn, _inputs):
+        if bn.training and torch.is_grad_enabled():
+            bn.training = False
+            bn._ddq_frozen_in_training = True  # restored after this forward pass
+
+    def after(bn, _inputs, _output):
+        if getattr(bn, "_ddq_frozen_in_training", False):
+            bn.training, bn._ddq_frozen_in_training = True, False
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.register_forward_pre_hook(before)
+            m.register_forward_hook(after)
+            n += 1
+    return n
+
+
 def train_fixed(model, train_loader, epochs: int, lr: float, weight_decay: float, seed: int,
-                max_steps: int | None) -> None:  # fmt: skip
+                max_steps: int | None, grad_clip: float | None = None) -> None:  # fmt: skip
     """QAT of a fixed-bit peer (LSQ, brevitas): the weight schedule of ``train_ddq`` (SGD,
     momentum 0.9, cosine over all steps, the same per-epoch data order); the quantizer's
     own parameters (LSQ steps, brevitas scales) share the SGD, without weight decay.
+    ``grad_clip``: the global gradient norm of all trained parameters is clipped to it
+    before every step, as ``TrainConfig.grad_clip`` does for DDQ.
     ``FloatingPointError`` if the loss stops being finite."""
     quant = [p for n, p in model.named_parameters() if "quant" in n]
     ids = {id(p) for p in quant}
@@ -215,6 +252,10 @@ def train_fixed(model, train_loader, epochs: int, lr: float, weight_decay: float
                 raise FloatingPointError(f"non-finite loss in epoch {epoch + 1}, step {i + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.grad is not None], grad_clip
+                )
             opt.step()
             sched.step()
 
@@ -253,13 +294,16 @@ def run_one(method: str, bits: int, fp_model, loaders, example, args, seed: int)
     """Calibrate (post-training) then train one quantized model from a copy of
     ``fp_model``; return its measurements."""
     train_loader, test_loader = loaders
+    # Callers that build ``args`` themselves (tests, probes) get the protocol's defaults.
+    grad_clip = getattr(args, "grad_clip", GRAD_CLIP)
+    freeze_bn = getattr(args, "freeze_bn", FREEZE_BN)
     model = copy.deepcopy(fp_model)
     calib = calibration_batches(train_loader, args.calib_batches, seed)
     tcfg = TrainConfig(epochs=args.qat_epochs, seed=seed, progress=False,
                        max_steps_per_epoch=args.max_steps,
                        lr_gates=args.lr_gates, track_slack=args.track_slack,
                        calib_batches=args.calib_batches,
-                       fit_batches=args.calib_batches)  # fmt: skip
+                       fit_batches=args.calib_batches, grad_clip=grad_clip)  # fmt: skip
     t0 = time.time()
     extra: dict = {}
     # Every fixed-bit model (first/last at 8 bits) has the size of ddq's fixed-bit model.
@@ -284,9 +328,11 @@ def run_one(method: str, bits: int, fp_model, loaders, example, args, seed: int)
             brevitas_quantize(model, bits, example, recipe=recipe)
             brevitas_calibrate(model, calib)
         ptq_acc = evaluate(model, test_loader)
+        if freeze_bn:
+            freeze_batchnorm(model)
         try:
             train_fixed(model, train_loader, args.qat_epochs, tcfg.lr, tcfg.weight_decay, seed,
-                        args.max_steps)  # fmt: skip
+                        args.max_steps, grad_clip=tcfg.grad_clip)  # fmt: skip
         except FloatingPointError as e:
             return _diverged(method, bits, seed, e, t0, target, ptq_acc)
         acc = evaluate(model, test_loader)
@@ -319,6 +365,8 @@ def run_one(method: str, bits: int, fp_model, loaders, example, args, seed: int)
         ptq_acc = evaluate(ptq, test_loader)
         del ptq, trainer
         train_loader.generator.manual_seed(CALIB_SEED)  # train_ddq calibrates on `calib`
+        if freeze_bn:  # after the copy above; train_ddq's calibration is unaffected
+            freeze_batchnorm(model)
         try:
             res = train_ddq(model, train_loader, test_loader, budget, tcfg)
         except FloatingPointError as e:
@@ -380,7 +428,8 @@ def _plan(args) -> list[tuple[str, int]]:
 
 
 SETTINGS = ("subset", "fp_epochs", "fp_lr", "fp_warmup", "augment", "qat_epochs", "max_steps",
-            "batch_size", "calib_batches", "width_mult", "lr_gates", "track_slack")  # fmt: skip
+            "batch_size", "calib_batches", "width_mult", "lr_gates", "track_slack", "grad_clip",
+            "freeze_bn")  # fmt: skip
 
 
 def settings_of(args) -> dict:
@@ -388,6 +437,19 @@ def settings_of(args) -> dict:
     s = {k: getattr(args, k) for k in SETTINGS}
     s["code"] = args.code or code_version()
     return s
+
+
+def _optional_positive(text: str) -> float | None:
+    """``--grad-clip``'s value: a finite number > 0, or 'none'."""
+    if text.lower() == "none":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0 or 'none', got {text!r}")
+    return v
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -421,6 +483,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--track-slack", type=lambda v: None if v == "none" else float(v),
                    default=TrainConfig.track_slack,
                    help="budget tracker slack for DDQ ('none': multiplier only)")  # fmt: skip
+    p.add_argument("--grad-clip", type=_optional_positive, default=GRAD_CLIP,
+                   help="global gradient-norm clip before every QAT step, every method "
+                        "('none': off)")  # fmt: skip
+    p.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=FREEZE_BN,
+                   help="BatchNorm on its running statistics during QAT, every method")  # fmt: skip
     p.add_argument("--width-mult", type=float, default=1.0, help="mobilenet_v2 width")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: run seeds or models as parallel processes; "

@@ -13,7 +13,8 @@ Example:
     >>> trainer.calibrate(loader); opt = trainer.optimizer()          # doctest: +SKIP
     >>> for step, (x, y) in enumerate(loader):                        # doctest: +SKIP
     ...     loss = trainer.loss(F.cross_entropy(model(x), y))
-    ...     opt.zero_grad(); loss.backward(); opt.step(); trainer.step()
+    ...     opt.zero_grad(); loss.backward(); trainer.clip_gradients()
+    ...     opt.step(); trainer.step()
     >>> trainer.finalize(loader, lambda m, b: F.cross_entropy(m(b[0]), b[1]))  # doctest: +SKIP
 """
 
@@ -62,6 +63,12 @@ class TrainConfig:
         calib_method: ``"mse"`` (default) or ``"percentile"``, see ``ddq.calibrate``.
         fit_batches: batches whose gate gradients rank bits in the budget fit.
         max_steps_per_epoch: cap on steps per epoch (quick runs and tests).
+        grad_clip: opt-in: before every optimizer step, scale the gradients of everything
+            the step updates (weights, levels and gate logits together) so that their
+            global L2 norm is at most this value (``DDQTrainer.clip_gradients``, i.e.
+            ``torch.nn.utils.clip_grad_norm_``). ``None`` (default) leaves them as they are.
+            It guards the first steps of low-bit training, where a quantized model can
+            start far from its float minimum and produce very large gradients.
         seed: seeds data order, dropout and initialisation per epoch (resumable).
         progress: show progress bars.
     """
@@ -80,6 +87,7 @@ class TrainConfig:
     calib_method: str = "mse"
     fit_batches: int = 8
     max_steps_per_epoch: int | None = None
+    grad_clip: float | None = None
     seed: int = 0
     progress: bool = True
 
@@ -127,6 +135,16 @@ class TrainConfig:
             )
         integer("fit_batches", 0)
         integer("max_steps_per_epoch", 1, optional=True)
+        clip = self.grad_clip
+        if clip is not None and (
+            isinstance(clip, bool)
+            or not isinstance(clip, int | float)
+            or not math.isfinite(clip)
+            or clip <= 0
+        ):
+            raise ValueError(
+                f"TrainConfig.grad_clip must be a finite number > 0 or null, got {clip!r}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"TrainConfig.seed must be an integer, got {self.seed!r}")
         if not isinstance(self.progress, bool):
@@ -143,6 +161,8 @@ class DDQTrainer:
     1. ``calibrate(batches)``: fit every quantizer to a few batches of your data.
     2. Each step, add ``penalty()`` to your loss (or wrap it: ``loss(task_loss)``): the
        budget constraint ``lambda (cost / target - 1)``; zero once the bits are fixed.
+       After ``backward()``, ``clip_gradients()`` applies ``config.grad_clip`` (a no-op
+       when it is ``None``).
     3. After the optimizer step, ``step()``: the dual-ascent update of ``lambda``, the
        annealing of the target from the initial cost to the budget, and the opt-in
        ``BudgetTracker`` (``config.track_slack``).
@@ -260,6 +280,22 @@ class DDQTrainer:
     def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
         """``task_loss + penalty()`` while bits learn, ``task_loss`` once they are fixed."""
         return task_loss if self.fitted else task_loss + self.constraint.penalty()
+
+    def clip_gradients(self) -> torch.Tensor | None:
+        """Clip the global gradient norm to ``config.grad_clip``; call between ``backward()``
+        and the optimizer step.
+
+        Every parameter of the model that has a gradient (weights, quantizer levels, gate
+        logits: what the step updates) is scaled together by
+        ``torch.nn.utils.clip_grad_norm_``, so the direction of the update is kept.
+        Returns the total norm before clipping, or ``None`` (and touches nothing) when
+        ``config.grad_clip`` is ``None``. Under DDP call it after ``backward()`` as well:
+        the gradients are already averaged there, so every process clips alike.
+        """
+        if self.config.grad_clip is None:
+            return None
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
 
     def step(self) -> None:
         """Call once after every optimizer step (gradients still in place).

@@ -192,6 +192,15 @@ def train_float(
     return evaluate(model, test_loader, device)
 
 
+def _config_defaults() -> dict[str, Any]:
+    """Every ``TrainConfig`` field's default."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(TrainConfig)
+        if f.default is not dataclasses.MISSING
+    }
+
+
 def _wrap_ddp(model: nn.Module, device: str | torch.device) -> nn.Module:
     if not dist.is_initialized():
         return model
@@ -261,9 +270,10 @@ def train_ddq(
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         state = load_checkpoint(ckpt_path)
         now = dataclasses.asdict(cfg)
-        diff = sorted(
-            k for k, v in state["train_config"].items() if k != "progress" and now.get(k) != v
-        )
+        # A setting the checkpoint lacks was added after it was written; the run behaved
+        # as that setting's default does (new settings default to the old behaviour).
+        saved = _config_defaults() | dict(state["train_config"])
+        diff = sorted(k for k, v in saved.items() if k != "progress" and now.get(k) != v)
         if diff:
             raise ValueError(f"cannot resume with different training settings: {diff}")
         model.load_state_dict(state["model"])
@@ -315,6 +325,7 @@ def train_ddq(
             loss = trainer.loss(task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            trainer.clip_gradients()  # config.grad_clip; a no-op when None
             opt.step()
             trainer.step()
             n = _count(targets)
