@@ -244,3 +244,32 @@ def test_the_readme_example_runs(capsys):
     trainer = namespace["trainer"]
     assert trainer.fitted and trainer.usage() <= 1 + 1e-9
     assert "budget used" in capsys.readouterr().out
+
+
+def test_gate_gradients_equal_a_plain_backward_and_leave_the_model_as_it_was():
+    # finalize's gate gradients are taken with every other parameter's requires_grad off
+    # (memory, time); the oracle is the plain backward with everything trainable.
+    model = _cnn()
+    train, _ = _mnist()
+    batches = [next(iter(train)) for _ in range(2)]
+    trainer = DDQTrainer(model, Budget(**BUDGET), _config(), steps_per_epoch=1)
+    trainer.calibrate(batches)
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    model.eval()
+    for batch in batches:
+        loss_fn(model, batch).backward()
+    want = {n: q.gate_logits.grad.clone() for n, q in quantizers_of(model).items()}
+    model.zero_grad(set_to_none=True)
+    flags = [p.requires_grad for p in model.parameters()]
+    model.train()
+    got = trainer.gate_gradients(batches, loss_fn, num_batches=2)
+    assert got.keys() == want.keys() and len(got) > 0
+    for name, g in got.items():
+        torch.testing.assert_close(g, want[name], rtol=1e-5, atol=1e-8, msg=name)
+    assert any(g.abs().sum() > 0 for g in got.values())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training

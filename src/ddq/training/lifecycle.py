@@ -322,13 +322,23 @@ class DDQTrainer:
         """Gradients of ``loss_fn(model, batch)`` on every gate logit, summed over batches.
 
         The model is in eval mode meanwhile (no BatchNorm statistics update, no dropout);
-        the model's gradients are cleared before and after.
+        the model's gradients are cleared before and after. Outside DDP only the gate
+        logits require gradients meanwhile: the same gate gradients, without the weight
+        gradients' memory (4 bytes per weight) and their share of the backward pass. (DDP's
+        reducer expects a gradient for every parameter it was built with, so under
+        ``torch.distributed`` nothing is switched off.)
         """
         n = self.config.fit_batches if num_batches is None else num_batches
         model = self.model
         qs = quantizers_of(model)
         model.zero_grad(set_to_none=True)
         was = model.training
+        gates = {id(q.gate_logits) for q in qs.values()}
+        paused = []
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            paused = [p for p in model.parameters() if p.requires_grad and id(p) not in gates]
+        for p in paused:
+            p.requires_grad_(False)
         model.eval()
         try:
             for i, batch in enumerate(batches):
@@ -337,6 +347,8 @@ class DDQTrainer:
                 loss_fn(model, batch).backward()
         finally:
             model.train(was)
+            for p in paused:
+                p.requires_grad_(True)
         grads = {
             name: q.gate_logits.grad.detach().clone()
             for name, q in qs.items()
