@@ -25,6 +25,21 @@ Post-training calibration (``brevitas_calibrate``) follows brevitas_examples'
 calibration_mode``: quantization off, activation statistics collected, scales initialised
 on exit), then ``calibrate_bn`` (``norm_correction_mode``: BatchNorm statistics
 re-estimated on the quantized model, as ddq's calibration does).
+
+One guard, not in brevitas: ``norm_correction_mode`` (brevitas 0.13, unchanged upstream)
+ends with ``a = sqrt(old_var / new_var)``, ``running_var = old_var / a``,
+``running_mean = (old_mean - (old_mean - a new_mean)) / a``: the new mean and the
+geometric mean of the old and new variances. A channel that is constant on the quantized
+model (new variance 0) makes ``a`` infinite and its mean ``inf * 0 = NaN``; every output
+of the model is then NaN. At W2A2 on MobileNetV2 this happens after the first depthwise
+convolution: the 2-bit unsigned input quantizer (per tensor, 99.999th percentile scale
+1.24) rounds every value of 8 of its 32 ReLU6 channels (maxima 0.38 to 0.58) to 0, and a
+depthwise channel of zeros stays 0. ``brevitas_calibrate`` sets such channels to the
+limit of brevitas's own formula (mean = the new mean, variance = sqrt(old * 0) = 0);
+every finite statistic is left exactly as brevitas computed it. And ``norm_correction_mode``
+leaves every BatchNorm's ``momentum`` at ``None`` (a cumulative average: brevitas_examples
+only evaluate after it); ``brevitas_calibrate`` restores it, so QAT updates the running
+statistics as for every other method (ddq's ``reestimate_batchnorm`` restores it too).
 """
 
 from __future__ import annotations
@@ -134,7 +149,8 @@ def brevitas_calibrate(model: nn.Module, batches: Iterable, correct_norm: bool =
     """Initialise every activation scale from ``batches`` of ``(inputs, targets)``, as
     brevitas_examples' ``ptq_common.calibrate`` (eval mode, ``calibration_mode``); then,
     with ``correct_norm``, re-estimate the BatchNorm statistics of the quantized model
-    as its ``ptq_common.calibrate_bn`` (``norm_correction_mode``)."""
+    as its ``ptq_common.calibrate_bn`` (``norm_correction_mode``), with the two guards of
+    the module docstring (constant channels, BatchNorm momentum)."""
     from brevitas.graph.calibrate import calibration_mode, norm_correction_mode
 
     batches = list(batches)
@@ -144,7 +160,16 @@ def brevitas_calibrate(model: nn.Module, batches: Iterable, correct_norm: bool =
         for x, _ in batches:
             model(x)
     if correct_norm:
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = {m: m.momentum for m in bns}
         with torch.no_grad(), norm_correction_mode(model):
             for x, _ in batches:
                 model(x)
+            new_mean = {m: m.running_mean.clone() for m in bns}
+        with torch.no_grad():
+            for m in bns:  # norm_correction_mode's 0 / 0 where a channel is constant
+                bad = ~(torch.isfinite(m.running_mean) & torch.isfinite(m.running_var))
+                m.running_mean[bad] = new_mean[m][bad]
+                m.running_var[bad] = 0.0
+                m.momentum = momenta[m]
     model.train(was)

@@ -73,3 +73,33 @@ def test_baseline_trains_above_chance_at_4_bits(float_model, method):
         f"{r['ptq_acc']:.1f}%, FP32 {fp_acc:.1f}%, chance {CHANCE:.0f}%)"
     )
     assert r["ptq_acc"] is not None and 0.0 <= r["ptq_acc"] <= 100.0
+
+
+@needs_brevitas
+def test_brevitas_calibration_at_2_bits_keeps_batchnorm_finite():
+    """A channel that the 2-bit input quantizer rounds to 0 everywhere stays 0 through a
+    depthwise convolution; brevitas's ``norm_correction_mode`` divides by its variance
+    (0) and left a NaN running mean (MobileNetV2 W2A2 at 10%, probe.md). The guard keeps
+    every statistic finite and the BatchNorm momentum as it was."""
+    sys.path.insert(0, str(BENCH))
+    from brevitas_baseline import brevitas_calibrate, brevitas_quantize
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 1, bias=False), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 8 * 8, 10),
+    )  # fmt: skip
+    with torch.no_grad():  # channel 3 is 100 times smaller than the others: 0 at 2 bits
+        model[0].weight.copy_(torch.tensor([1.0, 0.9, 0.8, 0.01]).view(4, 1, 1, 1))
+    batches = [(torch.rand(16, 1, 8, 8), torch.zeros(16, dtype=torch.long)) for _ in range(2)]
+    brevitas_quantize(model, 2, batches[0][0][:1], recipe="perchannel")
+    brevitas_calibrate(model, batches)
+    bn = model[3]
+    assert torch.isfinite(bn.running_mean).all() and torch.isfinite(bn.running_var).all()
+    assert bn.running_var[3] == 0.0  # the constant channel: the limit of brevitas's formula
+    assert bn.momentum == 0.1
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(batches[0][0])).all()
