@@ -212,7 +212,7 @@ def test_fits_on_a_column_subsample_of_large_weights_lose_almost_nothing():
     # The start of a large layer is fitted on a strided subset of each channel's columns
     # (fitting.FIT_MAX_ELEMENTS, >= 1024 per channel); measured on all the weights, it must
     # stay within a few percent of the fit that saw them all.
-    g = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)  # Distribution.sample draws from the global generator
     laplace = torch.distributions.Laplace(0.0, 1.0)
     w = laplace.sample((16, 4000)) * torch.linspace(0.2, 2.0, 16)[:, None]
     cap = 16_000  # asks for 1/4 of the 64,000 weights; the 1024-column floor keeps 1/3
