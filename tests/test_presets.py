@@ -16,11 +16,13 @@ def test_each_preset_sets_the_modes_and_nothing_else(name):
     cfg = preset(name)
     assert cfg.weight.mode == PRESETS[name]["weight"]
     assert cfg.activation.mode == PRESETS[name]["activation"]
+    assert cfg.weight.level_grid == PRESETS[name]["weight_level_grid"]
+    assert cfg.activation.level_grid is None
     default = DDQConfig()
-    # Everything but the modes is the default configuration.
+    # Everything but the modes (and the weights' level grid) is the default configuration.
     for part in ("weight", "activation"):
-        a = getattr(cfg, part).__dict__ | {"mode": None}
-        b = getattr(default, part).__dict__ | {"mode": None}
+        a = getattr(cfg, part).__dict__ | {"mode": None, "level_grid": None}
+        b = getattr(default, part).__dict__ | {"mode": None, "level_grid": None}
         assert a == b
     assert cfg.integer_graph is PRESETS[name]["integer_graph"]
     ignore = {"weight": None, "activation": None, "integer_graph": None}
@@ -46,6 +48,7 @@ def test_cli_preset_reaches_the_run_config():
     cfg = settings_from_args(_args("--preset", "int8"))
     assert cfg.ddq["weight"]["mode"] == "adaptive"
     assert cfg.ddq["activation"]["mode"] == "uniform"
+    assert cfg.ddq["weight"]["level_grid"] == 8
     assert cfg.ddq["integer_graph"] is True
     with pytest.raises(ValueError, match="--preset or --mode"):
         settings_from_args(_args("--preset", "int8", "--mode", "uniform"))

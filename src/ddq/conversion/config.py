@@ -27,6 +27,13 @@ class QuantizerConfig:
         bits: a fixed bitwidth (gates frozen), or ``None`` to learn it.
         per_channel: weights only: one scale per output channel (axis 0) times one table
             per layer (bits stay per layer). Activations must be per-tensor.
+        level_grid: adaptive mode: train the levels on the symmetric signed integer grid
+            of this many bits (2..8), ``round(top * level / L) * L / top`` with
+            ``top = 2**(n-1) - 1`` and ``L`` the largest ``|level|``, straight-through
+            (``ddq.quantizer.snap_to_grid``); ``8`` makes the int8 export of adaptive
+            weights (``ddq.deploy.int8_codes``) exact. ``None``: free levels. Uniform
+            levels are an integer grid already and ignore it, so one setting can serve a
+            configuration whose overrides switch some layers to uniform.
 
     Example:
         >>> QuantizerConfig(max_bits=4, mode="uniform").build().bits
@@ -40,6 +47,7 @@ class QuantizerConfig:
     grad_scale: bool = True
     bits: int | None = None
     per_channel: bool = False
+    level_grid: int | None = None
 
     def validate(self, where: str = "quantizer") -> None:
         """Raise ``ValueError`` naming ``where`` and the bad field."""
@@ -71,6 +79,8 @@ class QuantizerConfig:
             grad_scale=self.grad_scale,
             channels=channels if self.per_channel else None,
             refit_on_bits=refit_on_bits,
+            # Ignored in uniform mode (see the class docstring); DDQQuantizer would refuse it.
+            level_grid=self.level_grid if self.mode == "adaptive" else None,
         )
         if self.bits is not None:
             q.set_bits(self.bits, trainable=False)
@@ -99,6 +109,11 @@ def _check_field(key: str, value: Any, where: str) -> None:
     elif key == "bits":
         if value is not None and (not _is_int(value) or not 1 <= value <= 8):
             raise ValueError(f"{where}: bits must be null or an integer in 1..8, got {value!r}")
+    elif key == "level_grid":
+        if value is not None and (not _is_int(value) or not 2 <= value <= 8):
+            raise ValueError(
+                f"{where}: level_grid must be null or an integer in 2..8, got {value!r}"
+            )
     elif key == "mode":
         if not isinstance(value, str) or value not in MODES:
             raise ValueError(f"{where}: unknown mode {value!r}; expected one of {MODES}")

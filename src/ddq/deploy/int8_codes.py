@@ -7,7 +7,11 @@ shared by all channels and the channel scale factors out, one int8 code per *lev
 it: ``code[k] = round(127 * levels[k] / L)`` with ``L = max |levels|``, and channel ``c``'s
 int8 scale is ``channel_scale[c] * L / 127``. The weight becomes ``code[idx]`` (int8), the
 artifact keeps its ``b``-bit indices, and the only loss is each level's rounding onto the
-127-step grid (at most ``L / 254`` per level, before the channel scale).
+127-step grid (at most ``L / 254`` per level, before the channel scale). Levels trained on
+that grid (``QuantizerConfig.level_grid=8``, which the ``int8`` preset sets; see
+``ddq.quantizer.snap_to_grid``) lose nothing: they are ``code * L / 127`` already, so
+``relative_rmse`` is float rounding (below 1e-6) and the int8 graph runs the trained
+weights.
 
 Example:
     >>> import torch

@@ -4,7 +4,7 @@ from .gates import ordered_gates
 from .lookup import AdaptiveIndexer, UniformIndexer, table_lookup
 from .merge import kronecker_merge
 from .observer import RangeObserver
-from .quantizer import MODES, DDQQuantizer
+from .quantizer import MODES, DDQQuantizer, snap_to_grid
 
 __all__ = [
     "MODES",
@@ -14,5 +14,6 @@ __all__ = [
     "UniformIndexer",
     "kronecker_merge",
     "ordered_gates",
+    "snap_to_grid",
     "table_lookup",
 ]

@@ -16,7 +16,7 @@ from .lookup import AdaptiveIndexer, UniformIndexer, table_lookup
 from .merge import kronecker_merge
 from .observer import RangeObserver, has_nonfinite
 
-__all__ = ["MODES", "DDQQuantizer"]
+__all__ = ["MODES", "DDQQuantizer", "snap_to_grid"]
 
 Mode = Literal["adaptive", "uniform"]
 MODES: tuple[str, ...] = ("adaptive", "uniform")
@@ -75,6 +75,48 @@ def _scale_grad(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x if factor == 1.0 else _ScaleGrad.apply(x, factor)
 
 
+class _GridRound(torch.autograd.Function):
+    """``round(x / step) * step`` forward, identity gradient (straight-through).
+
+    A Function rather than ``x + (grid - x).detach()``, so that the forward value is the
+    grid value itself, bit for bit, whatever the float rounding of that sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step):  # type: ignore[override]
+        return torch.round(x / step) * step
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None
+
+
+def snap_to_grid(levels: torch.Tensor, grid_bits: int) -> torch.Tensor:
+    """``levels`` rounded onto the symmetric signed ``grid_bits``-bit grid of their own peak.
+
+    With ``top = 2**(grid_bits - 1) - 1`` (127 for 8 bits) and ``L = max |levels|``, each
+    level becomes ``round(top * level / L) * L / top``, computed as ``round(level / step)
+    * step`` with ``step = L / top`` in the levels' dtype: the rounding that
+    :func:`ddq.deploy.int8_codes.adaptive_to_int8` applies at export (``top = 127``), so
+    levels snapped here map onto the same integer codes there, with no loss beyond float
+    rounding of the step. ``L`` is detached and the rounding is straight-through: the gradient
+    reaching the levels is the one they would get without the grid. (The peak level is
+    itself a learned level; a gradient through ``L`` would add the rounding residuals of
+    every level to that one level's update, noise unrelated to the task.) All-zero
+    levels stay zero.
+
+    Example:
+        >>> snap_to_grid(torch.tensor([-1.0, -0.3, 0.2, 1.0]), 3)
+        tensor([-1.0000, -0.3333,  0.3333,  1.0000])
+    """
+    if not isinstance(grid_bits, int) or isinstance(grid_bits, bool) or not 2 <= grid_bits <= 8:
+        raise ValueError(f"grid_bits must be an integer in 2..8, got {grid_bits!r}")
+    top = 2 ** (grid_bits - 1) - 1
+    # ``tiny`` instead of a branch on zero (no host sync): all-zero levels round to 0.
+    peak = levels.detach().abs().max().clamp(min=torch.finfo(levels.dtype).tiny)
+    return _GridRound.apply(levels, peak / top)
+
+
 class DDQQuantizer(nn.Module):
     """Learns one tensor's bitwidth, dynamic range and quantization levels by gradient.
 
@@ -120,6 +162,15 @@ class DDQQuantizer(nn.Module):
     its bitwidth differs from the one it was fitted at (gates, the budget fit), so a
     layer that drops to 3 bits gets the best 3-bit levels, not the 8-bit ones merged.
 
+    Integer-grid levels (``level_grid=n``, adaptive mode): the ``2**b`` merged levels are
+    snapped in every forward, training and eval, onto the symmetric signed ``n``-bit grid
+    of their own peak, ``round(top * v / L) * L / top`` with ``top = 2**(n-1) - 1`` and
+    ``L = max |v|`` (:func:`snap_to_grid`; straight-through, so the levels still learn).
+    ``levels()``, the frozen table and the forward are then the same grid values, and the
+    int8 export (``ddq.deploy.int8_codes``, ``n = 8``) maps them onto its codes exactly:
+    what an integer runtime computes is what was trained. Uniform levels are an integer
+    grid already; a uniform quantizer refuses the option.
+
     Level-gradient scaling: the gradient of every level parameter is multiplied by
     ``1 / sqrt(N (2^b - 1))`` (``N`` the tensor's element count), LSQ's rule, so that one
     learning rate serves layers of every size. The gate logits are *not* scaled: their
@@ -136,6 +187,8 @@ class DDQQuantizer(nn.Module):
             ``None`` for one range per tensor.
         refit_on_bits: re-initialise from the input whenever the bitwidth changes (for
             weight quantizers, whose input is the weight itself).
+        level_grid: adaptive mode: snap the levels onto the symmetric signed grid of this
+            many bits (2..8; see above), or ``None`` for free levels.
 
     Example:
         >>> qz = DDQQuantizer(max_bits=4, min_bits=2, mode="uniform")
@@ -156,6 +209,7 @@ class DDQQuantizer(nn.Module):
         grad_scale: bool = True,
         channels: int | None = None,
         refit_on_bits: bool = False,
+        level_grid: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(max_bits, int) or not 1 <= max_bits <= 8:
@@ -168,10 +222,26 @@ class DDQQuantizer(nn.Module):
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
         if channels is not None and (not isinstance(channels, int) or channels < 1):
             raise ValueError(f"channels must be None or a positive integer, got {channels!r}")
+        if level_grid is not None:
+            if (
+                isinstance(level_grid, bool)
+                or not isinstance(level_grid, int)
+                or not 2 <= level_grid <= 8
+            ):
+                raise ValueError(
+                    f"level_grid must be None or an integer in 2..8, got {level_grid!r}"
+                )
+            if mode != "adaptive":
+                raise ValueError(
+                    f"level_grid is for adaptive levels; {mode} levels are an integer grid already"
+                )
         self.max_bits = max_bits
         self.signed_from_data = signed is None  # re-decided by every calibration
         self.channels = channels
         self.refit_on_bits = refit_on_bits
+        # Configuration, not state: set by whoever builds the quantizer (DDQConfig), so
+        # state dicts and checkpoints are the same with and without it.
+        self.level_grid = level_grid
         self.mode: Mode = mode
         self.grad_scale = grad_scale
         self.name = ""  # set by ddq.prepare; used in error messages
@@ -301,6 +371,11 @@ class DDQQuantizer(nn.Module):
             # bit, so a ReLU's zeros stay exact zeros in training and in the deployed table.
             m = 2 ** (self.max_bits - bits)
             v = torch.cat([v[:m] - v[:m].detach(), v[m:]])
+        if self.level_grid is not None:
+            # After the merge (the grid is of the 2**b levels in use) and after the unsigned
+            # zero above (0 snaps to exactly 0), so forward, levels() and the frozen table
+            # all hold the grid values.
+            v = snap_to_grid(v, self.level_grid)
         if self.mode == "uniform":
             # Block means of the uniform grid equal S (j - Z) exactly in real arithmetic but
             # not always to the last float bit; use the exact grid values (what an integer
@@ -604,4 +679,5 @@ class DDQQuantizer(nn.Module):
             f"mode={self.mode}, bits={self.bits}, max_bits={self.max_bits}, "
             f"min_bits={self.min_bits}, signed={self.signed}"
             + (f", channels={self.channels}" if self.channels is not None else "")
+            + (f", level_grid={self.level_grid}" if self.level_grid is not None else "")
         )
