@@ -26,6 +26,9 @@ _FLOAT_BY_DESIGN = (
 
 _UNSUPPORTED = "layer type not supported by ddq"
 
+#: The ``integer_bias`` convention of an ``integer_graph`` model (``bias_rounding.py``).
+INTEGER_BIAS = "rounded to the accumulator step s_x * s_w[c] (eval mode)"
+
 
 @dataclass
 class DDQState:
@@ -58,7 +61,11 @@ class DDQState:
             else (a.signed if a else None),
             "activations_quantized": a is not None,
             "bias_and_batchnorm": "float32 (BatchNorm folds into a per-channel epilogue)",
-        }
+        } | (
+            # integer_graph only, so other artifacts' conventions stay as they were; the
+            # loader reads it to round biases as the model does (bias_rounding.py).
+            {"integer_bias": INTEGER_BIAS} if self.config.integer_graph else {}
+        )
 
 
 def state_of(model: nn.Module) -> DDQState:
@@ -238,6 +245,10 @@ def prepare(
         )
     if config.integer_graph:
         state.output_quantizers = _attach_output_quantizers(model, config, state)
+        # After the output quantizers: the rounding hook is prepended to run before them.
+        from .bias_rounding import attach_bias_rounding
+
+        attach_bias_rounding(model)
     model.ddq_state = state
     return model
 

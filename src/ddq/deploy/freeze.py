@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+# batchnorm_affine moved to conversion (the model rounds biases with it); re-exported here.
+from ..conversion.bias_rounding import batchnorm_affine
 from ..conversion.output_quantizers import output_quantizers
 from ..conversion.prepare import state_of
 from ..layers import QuantLayer, kind_of
@@ -113,32 +114,6 @@ def activation_thresholds(quantizer: DDQQuantizer) -> tuple[torch.Tensor, torch.
     if not bool((thresholds[1:] >= thresholds[:-1]).all()):
         raise RuntimeError(f"{quantizer._label()}: thresholds are not sorted (non-monotone)")
     return thresholds, table
-
-
-@torch.no_grad()
-def batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """An eval-mode BatchNorm as ``y = x * scale + bias`` per channel.
-
-    Mathematically ``scale = gamma / sqrt(var + eps)`` and ``bias = beta - mean * scale``.
-    They are read off PyTorch's own inference kernel (``scale`` as its output for ``x = 1``
-    with ``mean = beta = 0``, ``bias`` as its output for ``x = 0``) rather than recomputed,
-    because that kernel rounds them its own way (``rsqrt`` and a fused multiply-add); with
-    the very same numbers the runtime reproduces the trained model bit for bit.
-
-    Example:
-        >>> bn = nn.BatchNorm2d(2).eval()
-        >>> batchnorm_affine(bn)[0]
-        tensor([1.0000, 1.0000])
-    """
-    c = bn.num_features
-    var = bn.running_var.float()
-    mean = bn.running_mean.float()
-    weight = None if bn.weight is None else bn.weight.float()
-    zero = torch.zeros(c)
-    scale = F.batch_norm(torch.ones(1, c), zero, var, weight, zero, False, 0.0, bn.eps)[0]
-    bias_in = zero if bn.bias is None else bn.bias.float()
-    bias = F.batch_norm(torch.zeros(1, c), mean, var, weight, bias_in, False, 0.0, bn.eps)[0]
-    return scale, bias
 
 
 def _quant_spec(q: DDQQuantizer, table: torch.Tensor) -> QuantSpec:

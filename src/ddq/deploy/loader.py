@@ -9,6 +9,7 @@ matches the artifact and swaps in the deploy modules of :mod:`ddq.deploy.runtime
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..conversion.bias_rounding import (
+    find_bias_targets,
+    integer_weight_step,
+    remove_bias_rounding,
+    rounding_delta,
+    set_bias_rounding,
+)
 from ..conversion.output_quantizers import add_output_quantizer, remove_output_quantizers
 from ..layers import kind_named
 from ..layers.rewrite import rewrite_modules
@@ -27,6 +35,7 @@ from .runtime import (
     KERNELS,
     ChannelAffine,
     FrozenActivationQuantizer,
+    PackedConv,
     PackedConv1d,
     PackedConv2d,
     PackedLayer,
@@ -34,7 +43,14 @@ from .runtime import (
     set_kernel,
 )
 
-__all__ = ["ModelFactory", "build_runtime", "load", "registry_factory", "set_submodule"]
+__all__ = [
+    "ModelFactory",
+    "attach_runtime_bias_rounding",
+    "build_runtime",
+    "load",
+    "registry_factory",
+    "set_submodule",
+]
 
 # Builds the architecture from the manifest's record ``{"name": ..., "kwargs": {...}}``
 # (``None`` when the artifact records none).
@@ -105,6 +121,7 @@ def build_runtime(
     # A prepared template carries its own (training) output quantizers; the artifact's
     # frozen ones replace them below.
     remove_output_quantizers(model)
+    remove_bias_rounding(model)  # a prepared template's hooks; the runtime's are added below
     for name, spec in manifest.layers.items():
         mod = _submodule(model, name, source)
         _check_layer(mod, spec, name, source)
@@ -150,11 +167,50 @@ def build_runtime(
             thresholds, levels = parts[name]
             frozen = FrozenActivationQuantizer(spec, thresholds.clone(), levels.clone())
             add_output_quantizer(_submodule(model, name, source), frozen)
+    if manifest.conventions.get("integer_bias"):
+        attach_runtime_bias_rounding(model)
     if hasattr(model, "ddq_state"):
         del model.ddq_state  # the result is no longer a prepared (trainable) model
     model.ddq_manifest = manifest
     set_kernel(model, kernel)
     return model.eval()
+
+
+@torch.no_grad()
+def _runtime_delta(layer: PackedLayer, affine: ChannelAffine | None) -> torch.Tensor | None:
+    """The packed layer's bias rounding (``ddq.conversion.bias_rounding``), from the very
+    numbers the prepared model uses, so the runtime reproduces it bit for bit."""
+    a = layer.spec.input
+    if a is None or a.mode != "uniform" or a.scale is None:
+        return None
+    w = layer.spec.weight
+    step = integer_weight_step(w.mode, w.scale, layer.weight_scale, layer.weight_table)
+    bn = None if affine is None else (affine.scale, affine.bias)
+    return rounding_delta(layer.bias, bn, step, a.scale)
+
+
+def attach_runtime_bias_rounding(model: nn.Module) -> dict[str, str]:
+    """An ``integer_graph`` artifact's bias rounding on the runtime ``model``: after each
+    packed layer's ``ChannelAffine`` (or on the layer); returns ``{target: layer}``.
+
+    Example:
+        >>> attach_runtime_bias_rounding(runtime)  # doctest: +SKIP
+        {'1': '0'}
+    """
+    targets = find_bias_targets(
+        model,
+        lambda m: isinstance(m, PackedLayer),
+        lambda m: isinstance(m, ChannelAffine),
+        lambda m: isinstance(m, PackedConv),
+    )
+    for target, (layer, bn) in targets.items():
+        packed = model.get_submodule(layer)
+        delta = functools.partial(
+            _runtime_delta, packed, None if bn is None else model.get_submodule(bn)
+        )
+        linear = bn is None and not isinstance(packed, PackedConv)
+        set_bias_rounding(model.get_submodule(target), delta, linear)
+    return {t: layer for t, (layer, _) in targets.items()}
 
 
 def registry_factory(arch: dict[str, Any] | None) -> nn.Module:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...conversion.bias_rounding import BIAS_DELTA, applies
 from ...conversion.output_quantizers import (
     OUTPUT_QUANTIZER,
     add_output_quantizer,
@@ -182,6 +183,23 @@ class OnnxAffine(nn.Module):
         return x * self.scale + self.bias
 
 
+@torch.no_grad()
+def _bake_bias_rounding(old: nn.Module, new: nn.Module, rank: int) -> None:
+    """``integer_graph``: the runtime's bias rounding (a hook on ``old``, whose output has
+    ``rank`` dimensions) written into ``new``'s bias, so the graph holds the rounded bias
+    ``b'``: ONNX Runtime's own rounding then leaves it where it is, and the float
+    (unoptimised) graph computes it too."""
+    fn = old.__dict__.get(BIAS_DELTA)
+    delta = None if fn is None or not applies(old, rank) else fn()
+    if delta is None:
+        return
+    bias = getattr(new, "bias", None)
+    if bias is None:
+        new.bias = delta.clone()  # a Linear without bias: the correction is its bias
+    else:
+        new.bias = bias + delta.reshape(bias.shape)
+
+
 def to_export_form(
     runtime: nn.Module, args: tuple[Any, ...], adaptive_weights: str = "auto"
 ) -> nn.Module:
@@ -195,7 +213,7 @@ def to_export_form(
     hooks = [
         m.register_forward_pre_hook(lambda _m, inp, name=n: ranks.__setitem__(name, inp[0].dim()))
         for n, m in runtime.named_modules()
-        if isinstance(m, ChannelAffine)
+        if isinstance(m, ChannelAffine) or BIAS_DELTA in m.__dict__
     ]
     try:
         with torch.no_grad():
@@ -211,6 +229,7 @@ def to_export_form(
         elif isinstance(m, ChannelAffine):
             new = OnnxAffine(m, ranks.get(name, 4))
         if new is not None:
+            _bake_bias_rounding(m, new, ranks.get(name, 4))
             set_submodule(form, name, new)
             q = m._modules.get(OUTPUT_QUANTIZER)
             if q is not None:  # integer_graph: the output quantizer moves with its module
