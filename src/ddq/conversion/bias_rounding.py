@@ -45,6 +45,7 @@ from torch import nn
 
 from ..layers import QuantLayer, kind_of
 from ..quantizer import DDQQuantizer
+from .tracing import CountingTracer
 
 __all__ = [
     "BIAS_DELTA",
@@ -239,23 +240,6 @@ def bias_roundings(model: nn.Module) -> dict[str, Callable[[], torch.Tensor | No
     return {n: m.__dict__[BIAS_DELTA] for n, m in model.named_modules() if BIAS_DELTA in m.__dict__}
 
 
-class _Tracer(torch.fx.Tracer):
-    """Stops at the given layers, BatchNorms and quantizers; counts module calls."""
-
-    def __init__(self, leaf: Callable[[nn.Module], bool]) -> None:
-        super().__init__()
-        self.leaf = leaf
-        self.calls: dict[str, int] = {}
-
-    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        path = self.path_of_module(m)
-        self.calls[path] = self.calls.get(path, 0) + 1
-        return super().call_module(m, forward, args, kwargs)
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return self.leaf(m) or super().is_leaf_module(m, qualname)
-
-
 def find_bias_targets(
     model: nn.Module,
     is_layer: Callable[[nn.Module], bool],
@@ -276,7 +260,7 @@ def find_bias_targets(
         >>> find_bias_targets(net, conv, lambda m: isinstance(m, nn.BatchNorm1d), conv)
         {'1': ('0', '1')}
     """
-    tracer = _Tracer(lambda m: is_layer(m) or is_norm(m) or isinstance(m, DDQQuantizer))
+    tracer = CountingTracer(lambda m: is_layer(m) or is_norm(m) or isinstance(m, DDQQuantizer))
     try:
         graph = tracer.trace(model)
     except Exception:  # fx raises many types for untraceable control flow

@@ -46,6 +46,7 @@ from torch import nn
 
 from ..layers import QuantLayer
 from ..quantizer import DDQQuantizer
+from .tracing import CountingTracer
 
 __all__ = [
     "OUTPUT_QUANTIZER",
@@ -158,25 +159,6 @@ def output_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-class _Tracer(torch.fx.Tracer):
-    """Stops at quantized layers and quantizers (their insides are not graph structure);
-    counts every module call, leaf or not (a hook on a module called twice fires twice)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: dict[str, int] = {}
-
-    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
-        path = self.path_of_module(m)
-        self.calls[path] = self.calls.get(path, 0) + 1
-        return super().call_module(m, forward, args, kwargs)
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, QuantLayer | DDQQuantizer):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
 def _is_elementwise(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(str(node.target)), _ELEMENTWISE_MODULES)
@@ -269,7 +251,8 @@ def find_output_points(model: nn.Module) -> tuple[dict[str, OutputPoint], str | 
         >>> find_output_points(prepared_resnet18)  # doctest: +SKIP
         ({'relu': OutputPoint(source='conv1'), 'layer1.0': OutputPoint(source='add', ...
     """
-    tracer = _Tracer()
+    # Quantized layers' and quantizers' insides are not graph structure.
+    tracer = CountingTracer(lambda m: isinstance(m, QuantLayer | DDQQuantizer))
     try:
         graph = tracer.trace(model)
     except Exception as e:  # fx raises many types for untraceable control flow
