@@ -236,3 +236,16 @@ def test_fits_on_a_column_subsample_of_large_weights_lose_almost_nothing():
 
 def _uniform_err(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return (uniform_quantize(w, step[:, None], 4, True) - w).square().mean()
+
+
+def test_refit_with_kept_scales_survives_weights_far_from_them():
+    # A diverged run (CI's zoo check once: 2-image BatchNorm, weights past 1e13) re-fits at
+    # a new bitwidth with channel scales still near 0.1. The table then sits near 1e20,
+    # whose squares overflow float32: the scales must come out finite, not NaN.
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 64, generator=g) * 1e19
+    table, scales = fit_table_and_scales(w, 128, rounds=1, scales=torch.full((8,), 0.1))
+    assert torch.isfinite(table).all() and torch.isfinite(scales).all()
+    assert bool((scales > 0).all())
+    q = quantize_to_levels(w / scales[:, None], table) * scales[:, None]
+    assert float((q - w).square().mean()) < 1e-3 * float(w.square().mean())

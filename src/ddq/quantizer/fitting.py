@@ -338,10 +338,13 @@ def _alternate(
         table = lloyd_levels(rows / scales[:, None], n_levels, fix_zero=fix_zero)
     for _ in range(rounds):
         for _ in range(3):
-            t = table[nearest_index(rows / scales[:, None], table)]
-            num, den = (rows * t).sum(1), t.square().sum(1)
-            ok = (num > 0) & (den > 0)
-            scales = torch.where(ok, num / den.clamp(min=1e-30), scales).clamp(min=1e-12)
+            # In float64: weights far from the kept scales (a diverged run's 1e13 against
+            # 0.1) put table values near 1e21 here, whose squares overflow float32.
+            t = table[nearest_index(rows / scales[:, None], table)].double()
+            num, den = (rows.double() * t).sum(1), t.square().sum(1)
+            ratio = num / den.clamp(min=1e-300)
+            ok = (num > 0) & (den > 0) & torch.isfinite(ratio)
+            scales = torch.where(ok, ratio, scales.double()).float().clamp(min=1e-12)
         table = lloyd_levels(rows / scales[:, None], n_levels, fix_zero=fix_zero, init=table)
     return table, scales
 
