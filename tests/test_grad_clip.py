@@ -11,24 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import prepared_small_cnn
 from torch import nn
 
-import ddq
-from ddq import Budget, DDQConfig, DDQTrainer, TrainConfig
+from ddq import Budget, DDQTrainer, TrainConfig
 from ddq.data import create_dataset, make_loaders
 from ddq.models import create_model
 from ddq.training import DDQOptimizer, evaluate, load_checkpoint, save_checkpoint, train_ddq
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 BUDGET = dict(avg_weight_bits=4, max_act_bits=4)
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    model = create_model("small_cnn", num_classes=10, in_channels=1, small_input=True)
-    return ddq.prepare(
-        model, DDQConfig(first_last_bits="learn"), example_inputs=torch.zeros(1, 1, 28, 28)
-    )
 
 
 def _loaders():
@@ -64,11 +56,11 @@ def _record_step_norms(monkeypatch, model: nn.Module) -> list[float]:
 
 def test_the_optimizer_step_sees_at_most_the_clip(monkeypatch):
     train, test = _loaders()
-    model = _cnn()
+    model = prepared_small_cnn()
     unclipped = _record_step_norms(monkeypatch, model)
     train_ddq(model, train, test, Budget(**BUDGET), _config())
     clip = 0.5 * min(unclipped)  # below every step's own norm: clipping acts at every step
-    model = _cnn()
+    model = prepared_small_cnn()
     norms = _record_step_norms(monkeypatch, model)
     train_ddq(model, train, test, Budget(**BUDGET), _config(grad_clip=clip))
     assert len(norms) == 6
@@ -78,7 +70,7 @@ def test_the_optimizer_step_sees_at_most_the_clip(monkeypatch):
 
 def test_clip_gradients_scales_every_trained_parameter_together():
     train, _ = _loaders()
-    model = _cnn()
+    model = prepared_small_cnn()
     trainer = DDQTrainer(model, Budget(**BUDGET), _config(grad_clip=0.01), steps_per_epoch=3)
     trainer.calibrate(train)
     x, y = next(iter(train))
@@ -132,7 +124,7 @@ def _loop_without_clipping(model: nn.Module, loader, cfg: TrainConfig) -> None:
 def test_no_clip_changes_nothing_bitwise(grad_clip):
     """``None`` is the old behaviour exactly; a clip far above every norm scales by 1.0."""
     train, test = _loaders()
-    a, b = _cnn(), _cnn()
+    a, b = prepared_small_cnn(), prepared_small_cnn()
     result = train_ddq(a, train, test, Budget(**BUDGET), _config(grad_clip=grad_clip))
     own_train, own_test = _loaders()  # the loaders' generators start alike
     _loop_without_clipping(b, own_train, _config())
@@ -156,7 +148,7 @@ def test_checkpoint_without_grad_clip_resumes(tmp_path):
     refuses a resume that would turn clipping on."""
     train, test = _loaders()
     cfg = _config(epochs=1, freeze_epochs=0)
-    train_ddq(_cnn(), train, test, Budget(**BUDGET), cfg, run_dir=tmp_path)
+    train_ddq(prepared_small_cnn(), train, test, Budget(**BUDGET), cfg, run_dir=tmp_path)
     ckpt = tmp_path / "checkpoint.pt"
     state = load_checkpoint(ckpt)
     assert state["train_config"]["grad_clip"] is None
@@ -164,11 +156,15 @@ def test_checkpoint_without_grad_clip_resumes(tmp_path):
     save_checkpoint(ckpt, state)
     more = _config(epochs=2, freeze_epochs=0)
     with pytest.raises(ValueError, match="different training settings: \\['epochs'\\]"):
-        train_ddq(_cnn(), train, test, Budget(**BUDGET), more, run_dir=tmp_path, resume=True)
-    res = train_ddq(_cnn(), train, test, Budget(**BUDGET), cfg, run_dir=tmp_path, resume=True)
+        train_ddq(
+            prepared_small_cnn(), train, test, Budget(**BUDGET), more, run_dir=tmp_path, resume=True
+        )
+    res = train_ddq(
+        prepared_small_cnn(), train, test, Budget(**BUDGET), cfg, run_dir=tmp_path, resume=True
+    )
     assert len(res.history) == 1
     with pytest.raises(ValueError, match="different training settings: \\['grad_clip'\\]"):
-        train_ddq(_cnn(), train, test, Budget(**BUDGET), _config(epochs=1, freeze_epochs=0,
+        train_ddq(prepared_small_cnn(), train, test, Budget(**BUDGET), _config(epochs=1, freeze_epochs=0,
                   grad_clip=1.0), run_dir=tmp_path, resume=True)  # fmt: skip
 
 

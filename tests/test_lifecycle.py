@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import prepared_small_cnn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -15,19 +16,10 @@ import ddq
 from ddq import Budget, DDQConfig, DDQTrainer, TrainConfig
 from ddq.data import create_dataset, make_loaders
 from ddq.layers import quantizers_of
-from ddq.models import create_model
 from ddq.training import DDQOptimizer, evaluate, split_parameters, train_ddq
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BUDGET = dict(avg_weight_bits=4, max_act_bits=4)
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    model = create_model("small_cnn", num_classes=10, in_channels=1, small_input=True)
-    return ddq.prepare(
-        model, DDQConfig(first_last_bits="learn"), example_inputs=torch.zeros(1, 1, 28, 28)
-    )
 
 
 def _mnist() -> tuple[DataLoader, DataLoader]:
@@ -78,7 +70,7 @@ def _hand_written_loop(model: nn.Module, loader: DataLoader, cfg: TrainConfig) -
 @pytest.mark.parametrize("freeze_epochs", [1, 0])
 def test_lifecycle_in_a_hand_written_loop_equals_train_ddq(freeze_epochs):
     cfg = _config(freeze_epochs=freeze_epochs)
-    a, b = _cnn(), _cnn()
+    a, b = prepared_small_cnn(), prepared_small_cnn()
     train_loader, test_loader = _mnist()
     result = train_ddq(a, train_loader, test_loader, Budget(**BUDGET), cfg)
     own_train, own_test = _mnist()
@@ -249,7 +241,7 @@ def test_the_readme_example_runs(capsys):
 def test_gate_gradients_equal_a_plain_backward_and_leave_the_model_as_it_was():
     # finalize's gate gradients are taken with every other parameter's requires_grad off
     # (memory, time); the oracle is the plain backward with everything trainable.
-    model = _cnn()
+    model = prepared_small_cnn()
     train, _ = _mnist()
     batches = [next(iter(train)) for _ in range(2)]
     trainer = DDQTrainer(model, Budget(**BUDGET), _config(), steps_per_epoch=1)
