@@ -250,7 +250,8 @@ def table(rows: list[dict[str, Any]], total: int) -> str:
         f"torchvision {torchvision.__version__}, torch {torch.__version__}. Each model: "
         f"random init, {NUM_CLASSES} classes, batch {BATCH} at the input side shown; "
         "`ddq.prepare` (default `DDQConfig`) -> `ddq.calibrate` on 2 random batches -> "
-        f"2 `DDQTrainer` steps under `Budget({budget})` -> `finalize` -> `ddq.export` -> "
+        f"2 `DDQTrainer` steps under `Budget({budget})` (gradient norm clipped at 1) -> "
+        "`finalize` -> `ddq.export` -> "
         "`ddq.load(model_factory=...)`. **pass** means the loaded artifact's output equals "
         "the fake-quantized model's (eval mode) bit for bit.",
         "",
