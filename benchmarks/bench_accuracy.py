@@ -726,7 +726,32 @@ def markdown(records: list[dict]) -> list[str]:
     codes = sorted({json.loads(r["key"].split("|")[0])["code"] for r in records})
     md = [f"Code: {', '.join(codes)}. Produced by:", "", "```bash", *commands, "```", ""]
     md += [*accuracy_table(rows), "", *goal_table(rows), "", *recipe_table(rows)]
-    return md
+    return md + start_note(records)
+
+
+def start_note(records: list[dict]) -> list[str]:
+    """A note naming the runs that started from an earlier FP32 model than the one the
+    table shows for their seed (empty when there are none).
+
+    A seed's FP32 model is retrained when its saved weights are gone (a new machine), and
+    a retrain need not give the same weights (float kernels differ across CPUs); the
+    cache then keeps the runs of the old model beside the new FP32 record. Every run
+    finishes after the FP32 training it started from, so a run that finished before its
+    seed's FP32 record did came from an earlier model.
+    """
+    fp = {(r["arch"], r["seed"]): r.get("finished") for r in records if r["method"] == "fp32"}
+    earlier: dict[tuple, list[str]] = {}
+    for r in records:
+        done, fp_done = r.get("finished"), fp.get((r["arch"], r["seed"]))
+        if r["method"] != "fp32" and done and fp_done and done < fp_done:
+            earlier.setdefault((r["arch"], r["seed"]), []).append(f"{r['method']} {r['bits']}")
+    if not earlier:
+        return []
+    lines = ["", "Runs that started from an earlier FP32 model of their seed (it was retrained "
+             "since, and the FP32 row shows the retrained one):", ""]  # fmt: skip
+    for (arch, seed), runs in sorted(earlier.items()):
+        lines.append(f"- {arch} seed {seed}: {', '.join(sorted(runs))}")
+    return lines
 
 
 def write_outputs(records: list[dict], out: Path, args) -> None:

@@ -91,3 +91,13 @@ def test_cache_key_changes_with_every_protocol_setting():
                         ("--calib-batches", "4"), ("--code", "0.1.0+bbbbbbbbbbbb")]:  # fmt: skip
         other = mod.parse_args(["--code", "0.1.0+aaaaaaaaaaaa", flag, value])
         assert mod._base_key("mobilenet_v2", 0, mod.settings_of(other)) != key, flag
+
+
+def test_tables_name_the_runs_of_an_earlier_fp32_model():
+    mod = _load("bench_accuracy")
+    fp = _record("0.1.0+abc", "fp32", 98.0) | {"bits": 32, "finished": "2026-01-01T10:00:00Z"}
+    old = _record("0.1.0+abc", "lsq") | {"finished": "2026-01-01T09:00:00Z"}
+    new = _record("0.1.0+abc", "ddq-adaptive") | {"finished": "2026-01-01T11:00:00Z"}
+    note = "\n".join(mod.start_note([fp, old, new]))
+    assert "small_cnn seed 0: lsq 4" in note and "ddq-adaptive" not in note
+    assert mod.start_note([fp, new]) == []
