@@ -777,6 +777,8 @@ def _plots(rows: list[dict], records: list[dict], out: Path) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     archs = sorted({r["arch"] for r in rows})
+    palette = plt.get_cmap("tab20")
+    order = {m: i for i, m in enumerate(METHODS)}
     for xkey, xlabel, fname in (("size_bytes", "model size (kB)", "pareto_size.png"),
                                 ("gbitops", "GBitOps", "pareto_bitops.png")):  # fmt: skip
         fig, axes = plt.subplots(1, len(archs), figsize=(5.5 * len(archs), 4), squeeze=False)
@@ -785,8 +787,13 @@ def _plots(rows: list[dict], records: list[dict], out: Path) -> None:
                 rs = sorted((r for r in rows if r["arch"] == arch and r["method"] == method),
                             key=lambda r: r[xkey])  # fmt: skip
                 xs = [r[xkey] / (1e3 if xkey == "size_bytes" else 1) for r in rs]
+                # One colour per method across plots (tab10 repeats after 10 methods) and
+                # a line style per family, so peers and DDQ variants stay apart.
+                ddq_family = method.startswith("ddq")
                 ax.errorbar(xs, [r["acc_mean"] for r in rs], yerr=[r["acc_std"] for r in rs],
-                            marker="o", capsize=3, label=method)  # fmt: skip
+                            color=palette(order.get(method, 0) % 20), capsize=3, label=method,
+                            marker="o" if ddq_family else "*" if method == "fp32" else "s",
+                            linestyle="-" if ddq_family else "--")  # fmt: skip
             ax.set_xscale("log")
             # Plain numbers at 1-2-5 steps: matplotlib's default minor labels on a log axis
             # ("3x10^3 4x10^3") overlap when the range spans about one decade.
