@@ -343,7 +343,7 @@ def _alternate(
             t = table[nearest_index(rows / scales[:, None], table)].double()
             num, den = (rows.double() * t).sum(1), t.square().sum(1)
             ratio = num / den.clamp(min=1e-300)
-            ok = (num > 0) & (den > 0) & torch.isfinite(ratio)
+            ok = (num > 0) & (den > 0) & (ratio < torch.finfo(torch.float32).max)  # not NaN/Inf
             scales = torch.where(ok, ratio, scales.double()).float().clamp(min=1e-12)
         table = lloyd_levels(rows / scales[:, None], n_levels, fix_zero=fix_zero, init=table)
     return table, scales
