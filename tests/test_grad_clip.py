@@ -163,9 +163,17 @@ def test_checkpoint_without_grad_clip_resumes(tmp_path):
         prepared_small_cnn(), train, test, Budget(**BUDGET), cfg, run_dir=tmp_path, resume=True
     )
     assert len(res.history) == 1
+    clipped = _config(epochs=1, freeze_epochs=0, grad_clip=1.0)
     with pytest.raises(ValueError, match="different training settings: \\['grad_clip'\\]"):
-        train_ddq(prepared_small_cnn(), train, test, Budget(**BUDGET), _config(epochs=1, freeze_epochs=0,
-                  grad_clip=1.0), run_dir=tmp_path, resume=True)  # fmt: skip
+        train_ddq(
+            prepared_small_cnn(),
+            train,
+            test,
+            Budget(**BUDGET),
+            clipped,
+            run_dir=tmp_path,
+            resume=True,
+        )
 
 
 # -- the accuracy benchmark ---------------------------------------------------------------
