@@ -79,7 +79,8 @@ class FrozenActivationQuantizer(nn.Module):
 
     def indices(self, x: torch.Tensor) -> torch.Tensor:
         """The ``b``-bit codes ``j`` of ``x`` (int64, same shape)."""
-        return torch.bucketize(x, self.thresholds)
+        # contiguous: bucketize would copy a strided input anyway, with a warning
+        return torch.bucketize(x.contiguous(), self.thresholds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.table[self.indices(x)]
