@@ -73,8 +73,9 @@ for _name, _patch in {"vit_b_16": 16, "vit_b_32": 32, "vit_l_16": 16, "vit_l_32"
 # machine (one thread): FAST took at most ~10 s each (~2 min together); HEAVY are the
 # models over 100M parameters (1..3 min each, 12.5 CPU-min together), except vgg11,
 # efficientnet_v2_l and wide_resnet101_2, which are in SLOW's ~30 min; CI runs both in
-# its zoo step. HUGE, over 600M parameters, need ~15-20 GB (22-33 bytes per parameter
-# measured up to 305M), more than CI's machine can be counted on for: only ``-m huge``.
+# its zoo step (two workers, the heavy ones in the same worker). HUGE, over 600M
+# parameters, peak at 13-19 GB (20-30 bytes per parameter: weights, SGD momentum, the second
+# step's saved tensors): CI runs them last, alone (``-m huge``).
 FAST = {
     "efficientnet_b0", "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3",
     "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_400mf",
@@ -88,14 +89,6 @@ HEAVY = {
 }  # fmt: skip
 HUGE = {"vit_h_14", "regnet_y_128gf"}
 
-
-# Why a model has no row in the committed table (the check itself is not skipped: the
-# test and the script run it when asked).
-NOT_RUN = {
-    name: "not run on the 24 GB machine the table comes from (shared with other jobs): "
-    "~15-20 GB peak estimated from 22-33 bytes/parameter measured (vit_l_32: 10.2 GB)"
-    for name in sorted(HUGE)
-}
 # Types none of which may be left float: what ddq quantizes, and nn.MultiheadAttention
 # with its NonDynamicallyQuantizableLinear output, which the attention rewrite replaces.
 QUANTIZABLE_TYPES = (
@@ -169,14 +162,18 @@ def check_model(name: str, workdir: Path) -> dict[str, Any]:
     optimizer = trainer.optimizer()
     model.train()
     for batch in batches:
+        # Gradients freed before the forward, not after it: the huge models' peak memory
+        # is the forward of the second step, which would otherwise hold the first step's
+        # gradients (4 bytes per parameter) beside its own saved tensors.
+        optimizer.zero_grad(set_to_none=True)
         loss = trainer.loss(loss_fn(model, batch))
-        optimizer.zero_grad()
         loss.backward()
         trainer.clip_gradients()
         optimizer.step()
         trainer.step()
     trainer.finalize(batches, loss_fn)
     del optimizer  # its state (momentum, Adam moments) is as large as the model
+    model.zero_grad(set_to_none=True)  # finalize's gate-gradient pass left weight gradients
     gc.collect()
 
     path = workdir / f"{name}.ddq.safetensors"
@@ -221,8 +218,8 @@ def _params(n: int) -> str:
 
 def tier(name: str) -> str:
     """Where the test runs ``name``: ``"default"`` (every ``pytest`` run), ``"slow"`` or
-    ``"heavy"`` (CI's zoo step, ``-m "slow or heavy"``), or ``"huge"`` (only ``-m huge`` or
-    this script: more memory than CI's machine can be counted on for)."""
+    ``"heavy"`` (CI's zoo step, ``-m "slow or heavy"``), or ``"huge"`` (CI's last step,
+    ``-m huge``, alone: up to 19 GB of memory)."""
     if name in HUGE:
         return "huge"
     return "default" if name in FAST else "heavy" if name in HEAVY else "slow"
@@ -269,10 +266,11 @@ def table(rows: list[dict[str, Any]], total: int) -> str:
         "are embeddings, class tokens, layer scales and position-bias tables, stored in "
         f"float32. Conv or Linear layers left float: {conv_linear_left or 'none'}.",
         "- tier: `default` runs in every `pytest` run; `slow` and `heavy` in CI's zoo step "
-        '(`pytest -m "slow or heavy" tests/test_torchvision_zoo.py`); `huge` only with '
-        "`-m huge` or this script (~15-20 GB of memory).",
+        '(`pytest -n 2 --dist loadgroup -m "slow or heavy" tests/test_torchvision_zoo.py`); '
+        "`huge` (up to 19 GB of memory) in CI's last step, alone (`pytest -m huge ...`).",
         "- s: wall seconds of the whole check on a shared 2-core machine (others' jobs "
-        "running); CPU s: its CPU time, one thread (about the wall time on an idle machine).",
+        "running); CPU s: its CPU time, one thread (about the wall time on an idle machine; "
+        "the huge ones ran on both cores).",
         "",
         "| model | params | input | quantized | float left (why) | artifact | result "
         "| tier | s | CPU s |",
@@ -336,10 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_rows:
         found = {r["model"]: r for f in args.from_rows for r in _read_rows(f)}
         rows = [
-            found.get(
-                n,
-                {"model": n, "unchecked": NOT_RUN.get(n, "not checked (no row in the runs given)")},
-            )
+            found.get(n, {"model": n, "unchecked": "not checked (no row in the runs given)"})
             for n in model_names()
         ]
         (args.out or DOC).write_text(table(rows, len(rows)))
