@@ -88,6 +88,9 @@ HEAVY = {
     "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "vit_l_16", "vit_l_32",
 }  # fmt: skip
 HUGE = {"vit_h_14", "regnet_y_128gf"}
+# Over 100M parameters (3-10 GB each in the check): CI's two zoo workers must not run two
+# of them at once, so the test puts them in one xdist group (the same worker).
+LARGE = HEAVY | {"vgg11", "efficientnet_v2_l", "wide_resnet101_2"}
 
 # Types none of which may be left float: what ddq quantizes, and nn.MultiheadAttention
 # with its NonDynamicallyQuantizableLinear output, which the attention rewrite replaces.

@@ -23,15 +23,16 @@ def pytest_configure(config):
         "markers", "heavy: torchvision-zoo checks of 1-3 min each (CI: -m 'slow or heavy')"
     )
     config.addinivalue_line(
-        "markers", "huge: torchvision-zoo checks needing ~15-20 GB, run only with -m huge"
+        "markers", "huge: torchvision-zoo checks needing 13-19 GB (CI: -m huge, alone)"
     )
 
 
 def pytest_collection_modifyitems(config, items):
     """The slow, heavy and huge torchvision-zoo checks run only when asked for with ``-m``:
     CI runs the slow and heavy ones in a step of its own (``pytest -m "slow or heavy"
-    tests/test_torchvision_zoo.py``), so the default run (the README's command) leaves
-    them out rather than run them twice. Other ``slow`` tests stay in the default run."""
+    tests/test_torchvision_zoo.py``) and the huge ones in another (``-m huge``), so the
+    default run (the README's command) leaves them out rather than run them twice.
+    Other ``slow`` tests stay in the default run."""
     if config.option.markexpr:
         return
     zoo = [

@@ -6,15 +6,24 @@ The check is ``check_model`` of ``benchmarks/supported_models.py``, which also w
 ``docs/supported_models.md``; a fast test keeps that table's model list equal to
 torchvision's. Models whose check takes more than about 10 s on the 2-core CI machine are
 marked ``slow`` (or ``heavy``, over 100M parameters): the default ``pytest`` run leaves
-them out (see ``conftest.py``) and CI runs them in a step of their own, ``pytest -m "slow
-or heavy" tests/test_torchvision_zoo.py``. The two ``huge`` models run only with ``-m huge``.
+them out (see ``conftest.py``) and CI runs them in a step of their own, ``pytest -n 2
+--dist loadgroup -m "slow or heavy" tests/test_torchvision_zoo.py`` (pytest-xdist: two
+one-thread workers; the models over 100M parameters share one worker, so that two of
+them never hold their 3-10 GB at once). The two ``huge`` models (over 600M parameters, 13-19 GB) run in a
+last step alone: ``pytest -m huge tests/test_torchvision_zoo.py``.
+
+With ``DDQ_ZOO_ROWS=FILE`` set, each check appends its row (JSON) to ``FILE``, which
+``python benchmarks/supported_models.py --from-rows FILE ...`` turns into the table.
 """
 
 import importlib.util
+import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torchvision
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,23 +43,39 @@ zoo = _load_script()
 
 
 # The tier of each model (``zoo.tier``): the default run, CI's zoo step (``-m "slow or
-# heavy"``), or huge (only ``-m huge`` or the script runs it: memory). A model a future
-# torchvision adds is slow until measured.
+# heavy"``), or huge (CI's last step, alone: memory). A model a future torchvision adds
+# is slow until measured. ``xdist_group``: under ``--dist loadgroup`` the models over
+# 100M parameters (``zoo.LARGE``) run one after another in the same worker.
 _MARKS = {
     "default": (),
     "slow": (pytest.mark.slow,),
     "heavy": (pytest.mark.heavy,),
     "huge": (pytest.mark.huge,),
 }
+_LARGE = (pytest.mark.xdist_group("large"),)
 MODELS = [
-    pytest.param(name, marks=_MARKS[zoo.tier(name)])
+    pytest.param(name, marks=_MARKS[zoo.tier(name)] + (_LARGE if name in zoo.LARGE else ()))
     for name in torchvision.models.list_models(module=torchvision.models)
 ]
 
 
+@pytest.fixture
+def zoo_threads(request):
+    """One intra-op thread (many small tensors; two workers share the 2-core machine),
+    except for the huge models, which run alone and use every core."""
+    saved = torch.get_num_threads()
+    if not request.node.get_closest_marker("huge"):
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("name", MODELS)
-def test_model_quantizes_exports_and_reloads_bit_exact(name, tmp_path, one_thread):
+def test_model_quantizes_exports_and_reloads_bit_exact(name, tmp_path, zoo_threads):
     row = zoo.check_model(name, tmp_path)
+    if os.environ.get("DDQ_ZOO_ROWS"):
+        with open(os.environ["DDQ_ZOO_ROWS"], "a") as f:
+            f.write(json.dumps(row) + "\n")
     assert row["quantized"] > 0
     left = [k for k in row["float_layers"] if k.split(" ")[0] in zoo.QUANTIZABLE_TYPES]
     assert not left, f"{name}: Conv/Linear layers left float: {left}"
@@ -61,6 +86,12 @@ def test_supported_models_table_lists_exactly_torchvision_models():
     listed = zoo.listed_models(DOC.read_text())
     assert sorted(listed) == sorted(zoo.model_names())
     assert len(listed) == len(set(listed))
+
+
+def test_models_over_100m_parameters_share_one_zoo_worker():
+    # CI's memory: two of these at once in the two xdist workers could hold 20 GB.
+    rows = zoo._read_rows(ROOT / "benchmarks" / "results" / "supported_models_rows.jsonl")
+    assert {r["model"] for r in rows if r["params"] > 100e6} - zoo.HUGE == zoo.LARGE
 
 
 def test_table_parser_reads_what_table_writes():
