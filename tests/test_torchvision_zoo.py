@@ -9,8 +9,8 @@ marked ``slow`` (or ``heavy``, over 100M parameters): the default ``pytest`` run
 them out (see ``conftest.py``) and CI runs them in a step of their own, ``pytest -n 2
 --dist loadgroup -m "slow or heavy" tests/test_torchvision_zoo.py`` (pytest-xdist: two
 one-thread workers; the models over 100M parameters share one worker, so that two of
-them never hold their 3-10 GB at once). The two ``huge`` models (over 600M parameters, 13-19 GB) run in a
-last step alone: ``pytest -m huge tests/test_torchvision_zoo.py``.
+them never hold their 3-10 GB at once). The two ``huge`` models (over 600M parameters,
+13-19 GB) run in a last step alone: ``pytest -m huge tests/test_torchvision_zoo.py``.
 
 With ``DDQ_ZOO_ROWS=FILE`` set, each check appends its row (JSON) to ``FILE``, which
 ``python benchmarks/supported_models.py --from-rows FILE ...`` turns into the table.
