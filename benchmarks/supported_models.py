@@ -73,7 +73,7 @@ for _name, _patch in {"vit_b_16": 16, "vit_b_32": 32, "vit_l_16": 16, "vit_l_32"
 # machine (one thread): FAST took at most ~10 s each (~2 min together); HEAVY are the
 # models over 100M parameters (1..3 min each, 12.5 CPU-min together), except vgg11,
 # efficientnet_v2_l and wide_resnet101_2, which are in SLOW's ~30 min; CI runs both in
-# its zoo step (two workers, the heavy ones in the same worker). HUGE, over 600M
+# its zoo step (two processes, LARGE in one of them). HUGE, over 600M
 # parameters, peak at 13-19 GB (20-30 bytes per parameter: weights, SGD momentum, the second
 # step's saved tensors): CI runs them last, alone (``-m huge``).
 FAST = {
@@ -88,8 +88,8 @@ HEAVY = {
     "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "vit_l_16", "vit_l_32",
 }  # fmt: skip
 HUGE = {"vit_h_14", "regnet_y_128gf"}
-# Over 100M parameters (3-10 GB each in the check): CI's two zoo workers must not run two
-# of them at once, so the test puts them in one xdist group (the same worker).
+# Over 100M parameters (3-10 GB each in the check): CI's two zoo processes must not run
+# two of them at once, so the test marks them ``large`` and CI runs them in one process.
 LARGE = HEAVY | {"vgg11", "efficientnet_v2_l", "wide_resnet101_2"}
 
 # Types none of which may be left float: what ddq quantizes, and nn.MultiheadAttention
@@ -269,7 +269,7 @@ def table(rows: list[dict[str, Any]], total: int) -> str:
         "are embeddings, class tokens, layer scales and position-bias tables, stored in "
         f"float32. Conv or Linear layers left float: {conv_linear_left or 'none'}.",
         "- tier: `default` runs in every `pytest` run; `slow` and `heavy` in CI's zoo step "
-        '(`pytest -n 2 --dist loadgroup -m "slow or heavy" tests/test_torchvision_zoo.py`); '
+        '(`pytest -m "slow or heavy" tests/test_torchvision_zoo.py`, as two processes); '
         "`huge` (up to 19 GB of memory) in CI's last step, alone (`pytest -m huge ...`).",
         "- s: wall seconds of the whole check on a shared 2-core machine (others' jobs "
         "running); CPU s: its CPU time, one thread (about the wall time on an idle machine; "

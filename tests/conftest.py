@@ -25,6 +25,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "huge: torchvision-zoo checks needing 13-19 GB (CI: -m huge, alone)"
     )
+    config.addinivalue_line(
+        "markers", "large: torchvision-zoo models over 100M parameters (CI: their own process)"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,10 +6,10 @@ The check is ``check_model`` of ``benchmarks/supported_models.py``, which also w
 ``docs/supported_models.md``; a fast test keeps that table's model list equal to
 torchvision's. Models whose check takes more than about 10 s on the 2-core CI machine are
 marked ``slow`` (or ``heavy``, over 100M parameters): the default ``pytest`` run leaves
-them out (see ``conftest.py``) and CI runs them in a step of their own, ``pytest -n 2
---dist loadgroup -m "slow or heavy" tests/test_torchvision_zoo.py`` (pytest-xdist: two
-one-thread workers; the models over 100M parameters share one worker, so that two of
-them never hold their 3-10 GB at once). The two ``huge`` models (over 600M parameters,
+them out (see ``conftest.py``) and CI runs them in a step of their own: two one-thread
+pytest processes side by side, ``-m "(slow or heavy) and large"`` (the models over 100M
+parameters, 3-10 GB each, one after another) and ``-m "(slow or heavy) and not large"``,
+so that two large ones never run at once. The two ``huge`` models (over 600M parameters,
 13-19 GB) run in a last step alone: ``pytest -m huge tests/test_torchvision_zoo.py``.
 
 With ``DDQ_ZOO_ROWS=FILE`` set, each check appends its row (JSON) to ``FILE``, which
@@ -44,15 +44,15 @@ zoo = _load_script()
 
 # The tier of each model (``zoo.tier``): the default run, CI's zoo step (``-m "slow or
 # heavy"``), or huge (CI's last step, alone: memory). A model a future torchvision adds
-# is slow until measured. ``xdist_group``: under ``--dist loadgroup`` the models over
-# 100M parameters (``zoo.LARGE``) run one after another in the same worker.
+# is slow until measured. ``large``: over 100M parameters (``zoo.LARGE``), which CI runs
+# in a process of their own.
 _MARKS = {
     "default": (),
     "slow": (pytest.mark.slow,),
     "heavy": (pytest.mark.heavy,),
     "huge": (pytest.mark.huge,),
 }
-_LARGE = (pytest.mark.xdist_group("large"),)
+_LARGE = (pytest.mark.large,)
 MODELS = [
     pytest.param(name, marks=_MARKS[zoo.tier(name)] + (_LARGE if name in zoo.LARGE else ()))
     for name in torchvision.models.list_models(module=torchvision.models)
@@ -61,7 +61,7 @@ MODELS = [
 
 @pytest.fixture
 def zoo_threads(request):
-    """One intra-op thread (many small tensors; two workers share the 2-core machine),
+    """One intra-op thread (many small tensors; CI runs two processes on its 2 cores),
     except for the huge models, which run alone and use every core."""
     saved = torch.get_num_threads()
     if not request.node.get_closest_marker("huge"):
@@ -89,7 +89,7 @@ def test_supported_models_table_lists_exactly_torchvision_models():
 
 
 def test_models_over_100m_parameters_share_one_zoo_worker():
-    # CI's memory: two of these at once in the two xdist workers could hold 20 GB.
+    # CI's memory: two of these at once in its two zoo processes could hold 20 GB.
     rows = zoo._read_rows(ROOT / "benchmarks" / "results" / "supported_models_rows.jsonl")
     assert {r["model"] for r in rows if r["params"] > 100e6} - zoo.HUGE == zoo.LARGE
 
