@@ -73,9 +73,9 @@ for _name, _patch in {"vit_b_16": 16, "vit_b_32": 32, "vit_l_16": 16, "vit_l_32"
 # machine (one thread): FAST took at most ~10 s each (~2 min together); HEAVY are the
 # models over 100M parameters (1..3 min each, 12.5 CPU-min together), except vgg11,
 # efficientnet_v2_l and wide_resnet101_2, which are in SLOW's ~30 min; CI runs both in
-# its zoo step (two processes, LARGE in one of them). HUGE, over 600M
-# parameters, peak at 13-19 GB (20-30 bytes per parameter: weights, SGD momentum, the second
-# step's saved tensors): CI runs them last, alone (``-m huge``).
+# its zoo step (two processes, LARGE in one of them). HUGE, over 600M parameters, peak
+# at 13-19 GB (20-30 bytes per parameter: weights, SGD momentum, the second step's saved
+# tensors): CI runs them last, alone (``-m huge``).
 FAST = {
     "efficientnet_b0", "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3",
     "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_400mf",

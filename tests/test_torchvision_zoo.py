@@ -88,7 +88,7 @@ def test_supported_models_table_lists_exactly_torchvision_models():
     assert len(listed) == len(set(listed))
 
 
-def test_models_over_100m_parameters_share_one_zoo_worker():
+def test_models_over_100m_parameters_are_marked_large():
     # CI's memory: two of these at once in its two zoo processes could hold 20 GB.
     rows = zoo._read_rows(ROOT / "benchmarks" / "results" / "supported_models_rows.jsonl")
     assert {r["model"] for r in rows if r["params"] > 100e6} - zoo.HUGE == zoo.LARGE
